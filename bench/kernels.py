@@ -1,0 +1,270 @@
+"""Kernel benchmarks: each op against the unfused baselines, measured side by side in one run.
+
+    python bench/kernels.py codebook                  # BEiT v2 shape: M = 256 x 196, K = 8192, D = 32
+    python bench/kernels.py codebook --m 4096 --dtype fp32
+
+Times are medians with 20th/80th percentiles (``triton.testing.do_bench`` on CUDA,
+``torch.utils.benchmark`` on the CPU). Peak memory is the extra memory one call needs beyond
+its inputs: ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak resident set
+(VmHWM, reset before the call, in a fresh process per provider) on the CPU. Every row is
+printed and appended to ``bench/results/kernels.csv`` with the device, versions, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels  # noqa: E402
+from kernels import _dispatch, reference  # noqa: E402
+
+RESULTS_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.csv")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class Case:
+    """One op at one shape: the providers to time and the work they do."""
+
+    op: str
+    shape: str
+    dtype: str
+    providers: dict[str, Callable[[], object]]
+    bytes_moved: int  # the minimum traffic: read the inputs once, write the outputs once
+    flops: int
+    baseline: str  # the provider speed-ups are measured against
+
+
+# --------------------------------------------------------------------------------------------
+# Codebook lookup
+# --------------------------------------------------------------------------------------------
+def distance_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The reference's lookup (microsoft/unilm beit2/norm_ema_quantizer.py): the full squared
+    distance matrix, then argmin."""
+    z = F.normalize(z, dim=-1)
+    d = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * torch.einsum("md,kd->mk", z, codebook)
+    return d.argmin(dim=1)
+
+
+def codebook_case(args, device: torch.device) -> Case:
+    dtype = DTYPES[args.dtype]
+    z = torch.randn(args.m, args.d, device=device, dtype=dtype)
+    codebook = F.normalize(torch.randn(args.k, args.d, device=device), dim=-1).to(dtype)
+    providers = {
+        "distance+argmin (unilm)": lambda: distance_argmin(z, codebook),
+        "matmul+argmax": lambda: reference.codebook_lookup(z, codebook),
+    }
+    if device.type == "cuda":
+        compiled = torch.compile(distance_argmin)
+        providers["torch.compile(distance+argmin)"] = lambda: compiled(z, codebook)
+        available = {"triton": _dispatch.TRITON_AVAILABLE, "cuda": _dispatch.CUDA_EXTENSION_AVAILABLE, "torch": True}
+        for backend in (name for name, ok in available.items() if ok):
+            providers[f"ours[{backend}]"] = _with_backend(backend, lambda: kernels.codebook_lookup(z, codebook))
+    else:
+        providers["ours[torch, chunked]"] = lambda: kernels.codebook_lookup(z, codebook)
+    element = torch.finfo(dtype).bits // 8
+    return Case(
+        op="codebook",
+        shape=f"M={args.m} K={args.k} D={args.d}",
+        dtype=args.dtype,
+        providers=providers,
+        bytes_moved=(args.m + args.k) * args.d * element + args.m * (8 + 4),
+        flops=2 * args.m * args.k * args.d,
+        baseline="distance+argmin (unilm)",
+    )
+
+
+def _with_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with kernels.set_backend(backend):
+            return fn()
+
+    return run
+
+
+CASES = {"codebook": codebook_case}
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+    import torch.utils.benchmark as benchmark
+
+    fn()  # warm-up
+    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=2.0)
+    times = torch.tensor(measurement.times) * 1e3
+    return measurement.median * 1e3, times.quantile(0.2).item(), times.quantile(0.8).item()
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_peak_child(op: str, args: argparse.Namespace, provider: str, queue) -> None:
+    torch.manual_seed(0)
+    fn = CASES[op](args, torch.device("cpu")).providers[provider]
+    fn()  # one-time library start-up (thread pools, BLAS buffers) is not the op's memory
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset the peak resident set to the current one
+    before = _rss_kib("VmRSS")
+    fn()
+    queue.put((_rss_kib("VmHWM") - before) / 1024)
+
+
+def peak_extra_mib(
+    op: str, args: argparse.Namespace, provider: str, fn: Callable[[], object], device: torch.device
+) -> float:
+    """Memory one call needs beyond its inputs, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    context = multiprocessing.get_context("spawn")  # a fresh process: nothing cached from other providers
+    queue = context.Queue()
+    child = context.Process(target=_cpu_peak_child, args=(op, args, provider, queue))
+    # Large blocks through mmap, so that freed memory leaves the resident set and each
+    # allocation of the measured call shows in the peak.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        child.start()
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"memory measurement of {provider} failed with exit code {child.exitcode}")
+    return queue.get()
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "commit": commit or "unknown",
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+    }
+
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    env = environment(device)
+    rows = []
+    for provider, fn in case.providers.items():
+        median, p20, p80 = time_ms(fn, device)
+        peak = peak_extra_mib(case.op, args, provider, fn, device)
+        rows.append(
+            {
+                **env,
+                "op": case.op,
+                "shape": case.shape,
+                "dtype": case.dtype,
+                "provider": provider,
+                "ms": round(median, 4),
+                "ms_p20": round(p20, 4),
+                "ms_p80": round(p80, 4),
+                "GB/s": round(case.bytes_moved / median / 1e6, 2),
+                "TFLOP/s": round(case.flops / median / 1e9, 3),
+                "peak_extra_MiB": round(peak, 1),
+            }
+        )
+    baseline = next(r for r in rows if r["provider"] == case.baseline)
+    for row in rows:
+        row["speedup"] = round(baseline["ms"] / row["ms"], 2)
+        row["memory_vs_baseline"] = (
+            round(row["peak_extra_MiB"] / baseline["peak_extra_MiB"], 4) if baseline["peak_extra_MiB"] else ""
+        )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = rows[0]
+    print(
+        f"\n{head['op']} {head['shape']} {head['dtype']} on {head['device']} (torch {head['torch']}, triton {head['triton']})"
+    )
+    columns = [
+        "provider",
+        "ms",
+        "ms_p20",
+        "ms_p80",
+        "GB/s",
+        "TFLOP/s",
+        "peak_extra_MiB",
+        "speedup",
+        "memory_vs_baseline",
+    ]
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def append_csv(rows: list[dict], path: str = RESULTS_CSV) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("op", choices=sorted(CASES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--m", type=int, default=256 * 196, help="rows (codebook: tokens of 256 images)")
+    parser.add_argument("--k", type=int, default=8192, help="codes")
+    parser.add_argument("--d", type=int, default=32, help="code dimension")
+    parser.add_argument("--no-csv", action="store_true", help="print only; do not append to bench/results/kernels.csv")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    torch.manual_seed(0)
+    rows = run_case(CASES[args.op](args, device), args, device)
+    print_table(rows)
+    if not args.no_csv:
+        append_csv(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
