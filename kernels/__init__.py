@@ -19,7 +19,9 @@ import warnings
 
 from . import reference
 from ._dispatch import BACKENDS, get_backend, set_backend
+from .attention import relative_position_index, relpos_attention, relpos_bias
 from .codebook import codebook_ema_stats, codebook_lookup
+from .masked_ce import masked_linear_cross_entropy
 
 # Marks this package as beitv2-fast's, for the import guard in beitv2_fast/__init__.py.
 __beitv2_kernels__ = True
@@ -32,7 +34,11 @@ __all__ = [
     "codebook_ema_stats",
     "codebook_lookup",
     "get_backend",
+    "masked_linear_cross_entropy",
     "reference",
+    "relative_position_index",
+    "relpos_attention",
+    "relpos_bias",
     "set_backend",
 ]
 
