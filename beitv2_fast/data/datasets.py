@@ -18,11 +18,13 @@ import struct
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import PIL.Image
 import torch
+
+T = TypeVar("T")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -107,8 +109,11 @@ class ImageDataset(torch.utils.data.Dataset):
         """A name for sample ``index`` in messages."""
         return f"{type(self).__name__}[{index}]"
 
-    def load(self, index: int) -> tuple[PIL.Image.Image, int]:
-        """The RGB image and label of ``index``, or of the next valid sample if its file is bad."""
+    def first_valid(self, index: int, read: Callable[[int], T]) -> tuple[T, int]:
+        """``read(index)``, or ``read`` of the next indices (wrapping) while it raises a decoding error.
+
+        Returns the result and the index it came from; skips are warned about and recorded.
+        """
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"{type(self).__name__}: index {index} out of range for {n} samples")
@@ -116,21 +121,26 @@ class ImageDataset(torch.utils.data.Dataset):
         for offset in range(min(self.max_consecutive_failures + 1, n)):
             candidate = (index + offset) % n
             try:
-                image = self._decode(candidate)
+                result = read(candidate)
             except _DECODE_ERRORS as error:
                 skipped = SkippedImage(self.path(candidate), f"{type(error).__name__}: {error}", index)
                 warnings.warn(
-                    f"skipped unreadable image {skipped.path} ({skipped.error})", BadImageWarning, stacklevel=2
+                    f"skipped unreadable image {skipped.path} ({skipped.error})", BadImageWarning, stacklevel=3
                 )
                 failures.append(skipped)
                 continue
             self._skipped.extend(failures)
-            return image, self.label(candidate)
+            return result, candidate
         self._skipped.extend(failures)
         raise RuntimeError(
             f"{type(self).__name__}: {len(failures)} unreadable images in a row from index {index} "
             f"(first: {failures[0].path}: {failures[0].error}); check the data"
         )
+
+    def load(self, index: int) -> tuple[PIL.Image.Image, int]:
+        """The RGB image and label of ``index``, or of the next valid sample if its file is bad."""
+        image, source = self.first_valid(index, self._decode)
+        return image, self.label(source)
 
     def __getitem__(self, index: int):
         image, label = self.load(index)

@@ -71,10 +71,10 @@ class MaskingGenerator:
             )
         if min_num_patches < 1:
             raise ValueError(f"MaskingGenerator: argument 'min_num_patches' must be at least 1; got {min_num_patches}")
-        max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
-        if max_num_patches < 1:
+        if max_num_patches is not None and max_num_patches < 1:
             raise ValueError(f"MaskingGenerator: argument 'max_num_patches' must be at least 1; got {max_num_patches}")
-        max_aspect = max_aspect or 1 / min_aspect
+        max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
+        max_aspect = max_aspect or (1 / min_aspect if min_aspect > 0 else 0)
         if not 0 < min_aspect <= max_aspect:
             raise ValueError(
                 f"MaskingGenerator: aspect range must satisfy 0 < min_aspect <= max_aspect; "

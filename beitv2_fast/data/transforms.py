@@ -141,19 +141,21 @@ class PretrainTransform:
         self.tokenizer_normalize = Normalize()
         self.uint8_output = uint8_output
 
-    def sample_params(self, image: PIL.Image.Image) -> dict:
-        """Draw this sample's jitter, flip and crop box; only ``image``'s size is read.
+    def sample_params(self, width: int, height: int) -> dict:
+        """Draw the jitter, flip and crop box of one image of size ``width`` x ``height``.
 
         The DALI pipeline calls this too, so both paths make the same draws in the same order.
         The box is in the coordinates of the flipped image, as in the reference (flip, then crop).
         """
         jitter = self.jitter.make_params([]) if self.jitter is not None else None
         flip = bool(torch.rand(1).item() < self.hflip)
-        box = self.crop.make_params([image])
+        # The crop draw reads only the size; an empty tensor of that size stands in for the image.
+        box = self.crop.make_params([torch.empty((0, height, width), dtype=torch.uint8)])
         return {"jitter": jitter, "flip": flip, "box": box}
 
     def __call__(self, image: PIL.Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.sample_params(image)
+        height, width = F.get_size(image)
+        params = self.sample_params(width, height)
         if params["jitter"] is not None:
             image = self.jitter.transform(image, params["jitter"])
         if params["flip"]:
