@@ -112,30 +112,33 @@ class ImageDataset(torch.utils.data.Dataset):
     def first_valid(self, index: int, read: Callable[[int], T]) -> tuple[T, int]:
         """``read(index)``, or ``read`` of the next indices (wrapping) while it raises a decoding error.
 
-        Returns the result and the index it came from; skips are warned about and recorded.
+        Returns the result and the index it came from. A replaced sample is warned about and
+        recorded once (the bad files tried after it are recorded when their own index is read).
         """
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"{type(self).__name__}: index {index} out of range for {n} samples")
-        failures: list[SkippedImage] = []
+        error = None
         for offset in range(min(self.max_consecutive_failures + 1, n)):
             candidate = (index + offset) % n
             try:
                 result = read(candidate)
-            except _DECODE_ERRORS as error:
-                skipped = SkippedImage(self.path(candidate), f"{type(error).__name__}: {error}", index)
-                warnings.warn(
-                    f"skipped unreadable image {skipped.path} ({skipped.error})", BadImageWarning, stacklevel=3
-                )
-                failures.append(skipped)
+            except _DECODE_ERRORS as failure:
+                error = error or f"{type(failure).__name__}: {failure}"
                 continue
-            self._skipped.extend(failures)
+            if offset:
+                self._record_skip(index, error)
             return result, candidate
-        self._skipped.extend(failures)
+        self._record_skip(index, error)
         raise RuntimeError(
-            f"{type(self).__name__}: {len(failures)} unreadable images in a row from index {index} "
-            f"(first: {failures[0].path}: {failures[0].error}); check the data"
+            f"{type(self).__name__}: {offset + 1} unreadable images in a row from {self.path(index)} ({error}); "
+            "check the data"
         )
+
+    def _record_skip(self, index: int, error: str) -> None:
+        skipped = SkippedImage(self.path(index), error, index)
+        warnings.warn(f"skipped unreadable image {skipped.path} ({skipped.error})", BadImageWarning, stacklevel=4)
+        self._skipped.append(skipped)
 
     def load(self, index: int) -> tuple[PIL.Image.Image, int]:
         """The RGB image and label of ``index``, or of the next valid sample if its file is bad."""
