@@ -1,0 +1,60 @@
+"""Every model of BEiT v2, faithful to microsoft/unilm ``beit2/`` (names, initialisation, outputs).
+
+- :class:`BEiT`: the BEiT ViT with the fine-tuning head (also the tokenizer's encoder/decoder).
+- :class:`BEiTForMaskedImageModeling`: the MIM student with patch aggregation and its loss.
+- :class:`VQKD`, :class:`NormEMAVectorQuantizer`, teachers: the VQ-KD visual tokenizer.
+- :class:`LinearProbe`, :func:`load_for_finetuning`, :func:`get_parameter_groups`: classification.
+- ``convert``: official / timm / MMPretrain checkpoints, safetensors export.
+
+``create_model(name, **kwargs)`` builds the reference's names (``list_models()``); with timm
+installed they are registered with ``timm.create_model`` too (except the names timm already has).
+"""
+
+from . import convert
+from .classifier import (
+    LinearProbe,
+    expand_shared_rel_pos_bias,
+    get_parameter_groups,
+    load_for_finetuning,
+    prepare_finetune_state_dict,
+)
+from .convert import CheckpointMismatchError, export_safetensors, load_checkpoint, load_state_dict_file
+from .pretrain import BEiTForMaskedImageModeling, masked_positions
+from .quantizer import NormEMAVectorQuantizer
+from .registry import create_model, list_models, register_model, register_with_timm, timm_available
+from .teachers import CLIPTeacher, DINOTeacher, HOGTeacher, Teacher, build_teacher
+from .vit import BEiT, BEiTBackbone, get_num_layer_for_vit, resample_abs_pos_embed, resize_rel_pos_bias_table
+from .vqkd import VQKD
+
+if timm_available():
+    register_with_timm()
+
+__all__ = [
+    "BEiT",
+    "BEiTBackbone",
+    "BEiTForMaskedImageModeling",
+    "CLIPTeacher",
+    "CheckpointMismatchError",
+    "DINOTeacher",
+    "HOGTeacher",
+    "LinearProbe",
+    "NormEMAVectorQuantizer",
+    "Teacher",
+    "VQKD",
+    "build_teacher",
+    "convert",
+    "create_model",
+    "expand_shared_rel_pos_bias",
+    "export_safetensors",
+    "get_num_layer_for_vit",
+    "get_parameter_groups",
+    "list_models",
+    "load_checkpoint",
+    "load_for_finetuning",
+    "load_state_dict_file",
+    "masked_positions",
+    "prepare_finetune_state_dict",
+    "register_model",
+    "resample_abs_pos_embed",
+    "resize_rel_pos_bias_table",
+]
