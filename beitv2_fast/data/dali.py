@@ -65,6 +65,7 @@ except ImportError:
 # Formats nvJPEG / DALI decode directly when the pixels are RGB or grayscale.
 _DIRECT_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM"}
 _GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
+_DALI_INTERPOLATION = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR", "lanczos": "INTERP_LANCZOS3"}
 
 
 def require_dali() -> None:
@@ -265,12 +266,13 @@ class DaliPretrainLoader:
             device_id=device_id,
             prefetch_queue_depth=self.options["prefetch_queue_depth"],
         )
-        interpolation = {
-            "bicubic": types.INTERP_CUBIC,
-            "bilinear": types.INTERP_LINEAR,
-            "lanczos": types.INTERP_LANCZOS3,
-        }
         t = self.transform
+        for mode in (t.interpolation, t.second_interpolation):
+            if mode.value not in _DALI_INTERPOLATION:
+                raise ValueError(
+                    f"DaliPretrainLoader: interpolation {mode.value!r} has no DALI equivalent; "
+                    f"use one of {sorted(_DALI_INTERPOLATION)}"
+                )
         mean = [255.0 * m for m in t.student_normalize.mean.flatten().tolist()]
         std = [255.0 * s for s in t.student_normalize.std.flatten().tolist()]
         with pipeline:
@@ -280,7 +282,7 @@ class DaliPretrainLoader:
             images = fn.decoders.image(
                 encoded, device="mixed", output_type=types.RGB, hw_decoder_load=self.options["hw_decoder_load"]
             )
-            channel_mean = fn.reductions.mean(images, axes=[0, 1])
+            channel_mean = fn.reductions.mean(images, axes=[0, 1], dtype=types.FLOAT)
             grey_mean = (
                 channel_mean[0] * _GREY_WEIGHTS[0]
                 + channel_mean[1] * _GREY_WEIGHTS[1]
@@ -295,11 +297,12 @@ class DaliPretrainLoader:
                     size=list(size),
                     roi_start=roi_start,
                     roi_end=roi_end,
-                    interp_type=interpolation[mode.value],
+                    interp_type=getattr(types, _DALI_INTERPOLATION[mode.value]),
                     antialias=True,
                     dtype=types.FLOAT,
                 )
-                views.append(_jitter(view, brightness, contrast, saturation, grey_mean))
+                # Arithmetic may drop the layout; crop_mirror_normalize needs it to transpose.
+                views.append(fn.reshape(_jitter(view, brightness, contrast, saturation, grey_mean), layout="HWC"))
             student = fn.crop_mirror_normalize(views[0], dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
             tokenizer = fn.crop_mirror_normalize(
                 views[1], dtype=types.FLOAT, output_layout="CHW", mean=[0.0] * 3, std=[255.0] * 3

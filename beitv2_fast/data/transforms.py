@@ -68,13 +68,20 @@ class Normalize:
             raise ValueError("Normalize: give both 'mean' and 'std' or neither")
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on_device:  # copy once per device, not once per batch
+            self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        return self._on_device[device]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"Normalize: argument 'images' must be uint8; got {images.dtype}")
         out = images.to(torch.float32).div_(255.0)
         if self.mean is not None:
-            out.sub_(self.mean.to(out.device)).div_(self.std.to(out.device))
+            mean, std = self._statistics(out.device)
+            out.sub_(mean).div_(std)
         return out
 
     def __repr__(self) -> str:
@@ -162,10 +169,13 @@ class PretrainTransform:
             image = F.horizontal_flip(image)
         box = params["box"]
         student = F.resized_crop(image, **box, size=list(self.input_size), interpolation=self.interpolation)
-        tokenizer = F.resized_crop(
-            image, **box, size=list(self.second_input_size), interpolation=self.second_interpolation
-        )
-        student, tokenizer = _to_uint8_tensor(student), _to_uint8_tensor(tokenizer)
+        student = _to_uint8_tensor(student)
+        if (self.second_input_size, self.second_interpolation) == (self.input_size, self.interpolation):
+            tokenizer = student  # the recipe's case (224/224, bicubic/bicubic): the same pixels, resized once
+        else:
+            tokenizer = _to_uint8_tensor(
+                F.resized_crop(image, **box, size=list(self.second_input_size), interpolation=self.second_interpolation)
+            )
         if self.uint8_output:
             return student, tokenizer
         return self.student_normalize(student), self.tokenizer_normalize(tokenizer)
