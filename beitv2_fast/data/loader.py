@@ -75,9 +75,11 @@ def _torch_seed(sequence: np.random.SeedSequence) -> int:
 
 
 class _SeededDraws:
-    """Run a function with torch's CPU generator seeded from a seed sequence, then restore it.
+    """A with-block whose torch CPU draws are seeded from ``sequence``; it yields a NumPy generator
+    seeded from the same sequence, and restores torch's generator on exit.
 
-    Only the CPU generator is touched (``torch.manual_seed`` would also reseed CUDA's).
+    Only the CPU generator is touched (``torch.manual_seed`` would also reseed CUDA's, which the
+    training step owns when loading runs in the main process).
     """
 
     def __init__(self, sequence: np.random.SeedSequence) -> None:
@@ -146,9 +148,13 @@ class ResumableBatchSampler:
 class _Task:
     """How one task turns source samples into a batch; subclasses fill in the three steps."""
 
-    def sample(self, image, label: int, rng: np.random.Generator) -> tuple: ...
+    def sample(self, image, label: int, rng: np.random.Generator) -> tuple:
+        """One sample's tensors from the RGB image, its label and the sample's NumPy generator."""
+        raise NotImplementedError
 
-    def collate(self, samples: list[tuple]) -> tuple: ...
+    def collate(self, samples: list[tuple]) -> tuple:
+        """The batch ``NamedTuple`` from a list of samples."""
+        raise NotImplementedError
 
     def finish(self, batch: tuple) -> tuple:
         """Work left for the device (uint8 -> float, batch augmentations); identity by default."""
