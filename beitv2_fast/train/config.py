@@ -1,0 +1,282 @@
+"""Training configuration: one typed dataclass, named recipes, and the command-line parser.
+
+Flags follow timm's names where the concept is shared (``--model``, ``--data-dir``,
+``--batch-size``, ``--lr``, ``--epochs``, ``--resume``, ``--amp-dtype``, ``--grad-accum-steps``,
+``--layer-decay``, ``--torchcompile``) and the reference's (microsoft/unilm ``beit2/``) for the
+MIM settings (``--num-mask-patches``, ``--tokenizer-model``, ``--early-layers``...). Both
+``--num-mask-patches`` and the reference's ``--num_mask_patches`` spellings are accepted.
+A recipe (``--recipe``) sets the paper's values; ``--config FILE.yaml`` and flags override it,
+in that order. The resolved configuration is written to ``<output-dir>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+Task = Literal["tokenizer", "pretrain", "finetune", "linprobe"]
+
+
+def _f(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field whose help text is also the CLI help."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; every field is a flag of the same name (``_`` -> ``-``)."""
+
+    # -- what to train ----------------------------------------------------------------------
+    task: Task = _f("pretrain", "tokenizer | pretrain | finetune | linprobe")
+    model: str = _f("beit_base_patch16_224_8k_vocab_cls_pt", "model name (beitv2_fast.models.create_model)")
+    model_kwargs: dict = _f({}, "extra model constructor arguments, as key=value (e.g. depth=4 embed_dim=192)")
+    input_size: int = _f(224, "image size of the model's input")
+    drop_path: float = _f(0.0, "stochastic depth rate")
+    layer_scale_init_value: float = _f(0.1, "layer scale init (0.1 base, 1e-5 large); 0 disables layer scale")
+    # -- BEiT v2 pretraining ----------------------------------------------------------------
+    tokenizer_model: str = _f("vqkd_encoder_base_decoder_3x768x12_clip", "VQ-KD tokenizer for the MIM targets")
+    tokenizer_weight: str = _f("", "local path of the tokenizer checkpoint (never downloaded)")
+    tokenizer_kwargs: dict = _f({}, "extra tokenizer constructor arguments, as key=value")
+    codebook_size: int = _f(8192, "number of visual tokens")
+    codebook_dim: int = _f(32, "dimension of a code")
+    second_input_size: int = _f(224, "image size of the tokenizer view")
+    num_mask_patches: int = _f(75, "masked patches per image")
+    min_mask_patches_per_block: int = _f(16, "smallest masked block")
+    max_mask_patches_per_block: int | None = _f(None, "largest masked block (default: num_mask_patches)")
+    min_crop_scale: float = _f(0.2, "RandomResizedCrop's smallest area fraction")
+    early_layers: int = _f(9, "block whose patch tokens feed the patch aggregation head")
+    head_layers: int = _f(2, "blocks of the patch aggregation head")
+    shared_lm_head: bool = _f(True, "share the final norm and LM head between both branches")
+    # -- VQ-KD tokenizer training -----------------------------------------------------------
+    teacher: str = _f("clip", "clip | dino | hog (weight-free, for offline runs)")
+    teacher_weight: str = _f("", "local path of the teacher checkpoint (CLIP or DINO)")
+    quantize_kmeans_init: bool = _f(True, "k-means initialisation of the codebook on the first batch")
+    ema_decay: float = _f(0.99, "codebook EMA decay")
+    # -- fine-tuning / linear probing -------------------------------------------------------
+    finetune: str = _f("", "pretrained checkpoint to start from (official, ours or timm layout)")
+    nb_classes: int = _f(1000, "number of classes")
+    layer_decay: float = _f(1.0, "layer-wise lr decay (0.6-0.65 base, 0.8 large); 1 disables it")
+    use_cls: bool = _f(False, "classify from the CLS token instead of mean pooling")
+    mixup: float = _f(0.8, "mixup alpha; 0 disables")
+    cutmix: float = _f(1.0, "cutmix alpha; 0 disables")
+    smoothing: float = _f(0.1, "label smoothing")
+    reprob: float = _f(0.25, "random erasing probability")
+    linprobe_block: int = _f(-1, "linear probe: block whose output is probed (-1: the last)")
+    linprobe_pool: str = _f("mean", "linear probe pooling: mean | cls")
+    # -- data -------------------------------------------------------------------------------
+    data_dir: str = _f("", "image folder (ImageNet layout, or flat for pretraining); empty: built-in demo images")
+    eval_data_dir: str = _f("", "validation folder for fine-tuning and linear probing")
+    num_workers: int = _f(4, "data loader worker processes per rank")
+    data_backend: str = _f("pil", "pil | dali (GPU JPEG decoding, when nvidia-dali is installed)")
+    # -- optimisation -----------------------------------------------------------------------
+    batch_size: int = _f(128, "images per rank per step")
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step")
+    epochs: int = _f(300, "training epochs")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: run all epochs)")
+    warmup_epochs: float = _f(10, "linear warmup from 0")
+    lr: float = _f(1.5e-3, "peak learning rate (absolute; not rescaled by batch size)")
+    min_lr: float = _f(1e-5, "final learning rate of the cosine schedule")
+    weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, tokens, position tables, gammas)")
+    opt_betas: list = _f([0.9, 0.98], "AdamW betas")
+    opt_eps: float = _f(1e-8, "AdamW eps")
+    clip_grad: float = _f(3.0, "global gradient-norm clip; 0 disables")
+    # -- systems ----------------------------------------------------------------------------
+    amp_dtype: str = _f("bfloat16", "bfloat16 | float16 (with a gradient scaler) | float32")
+    parallel: str = _f("auto", "auto | fsdp | ddp | none: auto is FSDP2 on GPUs, DDP on CPUs, none for one process")
+    torchcompile: bool = _f(False, "torch.compile each block (and the tokenizer)")
+    grad_checkpointing: bool = _f(False, "activation checkpointing per block")
+    seed: int = _f(0, "random seed")
+    nonfinite: str = _f("stop", "stop | skip: what a non-finite loss or gradient norm does")
+    # -- output -----------------------------------------------------------------------------
+    output_dir: str = _f("runs/beitv2", "folder for checkpoints, logs and exports")
+    resume: str = _f("auto", "auto (newest complete checkpoint in output-dir) | PATH of a step folder | none")
+    checkpoint_interval: int = _f(1000, "optimizer steps between checkpoints (the last step is always saved)")
+    keep_checkpoints: int = _f(2, "complete checkpoints kept (at least 2: the newest may be in flight)")
+    log_interval: int = _f(10, "optimizer steps between log lines")
+    log_wandb: bool = _f(False, "also log to Weights & Biases (needs wandb)")
+    eval_interval: int = _f(1, "epochs between evaluations (fine-tuning and linear probing)")
+
+    def validate(self) -> None:
+        """Reject impossible values before any work starts, naming the option."""
+        checks = [
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
+            (self.epochs >= 1 or self.max_steps >= 1, "--epochs or --max-steps must be at least 1"),
+            (self.keep_checkpoints >= 2, "--keep-checkpoints must be at least 2 (the newest may still be in flight)"),
+            (self.checkpoint_interval >= 1, "--checkpoint-interval must be at least 1"),
+            (self.log_interval >= 1, "--log-interval must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 <= self.min_lr <= self.lr, "--min-lr must lie between 0 and --lr"),
+            (self.amp_dtype in ("bfloat16", "float16", "float32"), "--amp-dtype must be bfloat16, float16 or float32"),
+            (self.parallel in ("auto", "fsdp", "ddp", "none"), "--parallel must be auto, fsdp, ddp or none"),
+            (self.nonfinite in ("stop", "skip"), "--nonfinite must be stop or skip"),
+            (self.teacher in ("clip", "dino", "hog"), "--teacher must be clip, dino or hog"),
+            (self.data_backend in ("pil", "dali"), "--data-backend must be pil or dali"),
+            (self.linprobe_pool in ("mean", "cls"), "--linprobe-pool must be mean or cls"),
+            (self.num_mask_patches >= 1, "--num-mask-patches must be at least 1"),
+            (0 < self.min_crop_scale <= 1, "--min-crop-scale must lie in (0, 1]"),
+            (len(self.opt_betas) == 2, "--opt-betas needs two values"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes: the paper's settings (beit2_spec.md sections 1.4, 5, 6)
+# --------------------------------------------------------------------------------------------
+RECIPES: dict[str, dict[str, Any]] = {
+    # VQ-KD base with the CLIP teacher: 8 x 64 images, 100 epochs (TOKENIZER.md)
+    "vqkd_base_clip": dict(
+        task="tokenizer", model="vqkd_encoder_base_decoder_3x768x12_clip", teacher="clip", batch_size=64,
+        epochs=100, warmup_epochs=10, lr=2e-4, min_lr=1e-5, weight_decay=1e-4, opt_betas=[0.9, 0.99],
+        clip_grad=0.0, min_crop_scale=0.08,
+    ),
+    "beitv2_base_300e": dict(
+        task="pretrain", model="beit_base_patch16_224_8k_vocab_cls_pt", batch_size=128, epochs=300,
+        warmup_epochs=10, lr=1.5e-3, min_lr=1e-5, weight_decay=0.05, opt_betas=[0.9, 0.98], clip_grad=3.0,
+        drop_path=0.0, layer_scale_init_value=0.1, early_layers=9, head_layers=2,
+    ),
+    "beitv2_base_1600e": dict(
+        task="pretrain", model="beit_base_patch16_224_8k_vocab_cls_pt", batch_size=128, epochs=1600,
+        warmup_epochs=10, lr=1.5e-3, min_lr=1e-5, weight_decay=0.05, opt_betas=[0.9, 0.999], clip_grad=3.0,
+        drop_path=0.1, layer_scale_init_value=0.1, early_layers=9, head_layers=2,
+    ),
+    "beitv2_large_300e": dict(
+        task="pretrain", model="beit_large_patch16_224_8k_vocab_cls_pt", batch_size=32, epochs=300,
+        warmup_epochs=10, lr=1.5e-3, min_lr=1e-5, weight_decay=0.05, opt_betas=[0.9, 0.98], clip_grad=3.0,
+        drop_path=0.0, layer_scale_init_value=1e-5, early_layers=21, head_layers=2,
+    ),
+    "beitv2_large_1600e": dict(
+        task="pretrain", model="beit_large_patch16_224_8k_vocab_cls_pt", batch_size=32, epochs=1600,
+        warmup_epochs=10, lr=1.5e-3, min_lr=1e-5, weight_decay=0.05, opt_betas=[0.9, 0.999], clip_grad=3.0,
+        drop_path=0.1, layer_scale_init_value=1e-5, early_layers=21, head_layers=2,
+    ),
+    # Fine-tuning from 1600-epoch pretraining: batch 1024, lr 5e-4, layer decay 0.6, drop path 0.2;
+    # the warmup is not stated by the reference, MMPretrain uses 20 epochs.
+    "finetune_base_1600e": dict(
+        task="finetune", model="beit_base_patch16_224", batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4,
+        min_lr=1e-6, weight_decay=0.05, opt_betas=[0.9, 0.999], clip_grad=0.0, layer_decay=0.6, drop_path=0.2,
+        mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25,
+    ),
+    "finetune_base_300e": dict(
+        task="finetune", model="beit_base_patch16_224", batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4,
+        min_lr=1e-6, weight_decay=0.05, opt_betas=[0.9, 0.999], clip_grad=0.0, layer_decay=0.65, drop_path=0.1,
+        mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25,
+    ),
+    "finetune_large_1600e": dict(
+        task="finetune", model="beit_large_patch16_224", batch_size=128, epochs=50, warmup_epochs=5, lr=2e-4,
+        min_lr=1e-6, weight_decay=0.05, opt_betas=[0.9, 0.999], clip_grad=0.0, layer_decay=0.8, drop_path=0.2,
+        mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25,
+    ),
+    # Linear probing: the reference published no protocol (microsoft/unilm#1574), so this follows
+    # MAE's: BatchNorm without affine before the head, 90 epochs with 10 of warmup, no weight
+    # decay, no mixup/cutmix/erasing. MAE uses LARS, which torch lacks; AdamW stands in for it.
+    "linprobe_base": dict(
+        task="linprobe", model="beit_base_patch16_224", batch_size=1024, epochs=90, warmup_epochs=10, lr=4e-3,
+        min_lr=0.0, weight_decay=0.0, opt_betas=[0.9, 0.999], clip_grad=0.0, mixup=0.0, cutmix=0.0,
+        smoothing=0.0, reprob=0.0, linprobe_block=-1, linprobe_pool="mean",
+    ),
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def _parse_key_values(items: list[str], option: str) -> dict:
+    parsed = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{option} expects key=value items; got {item!r}")
+        key, value = item.split("=", 1)
+        parsed[key] = yaml.safe_load(value)
+    return parsed
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false); got {value!r}")
+
+
+def build_parser(prog: str = "beitv2") -> argparse.ArgumentParser:
+    """A parser with one flag per :class:`TrainConfig` field, plus ``--recipe`` and ``--config``.
+
+    Flags default to ``None`` so that only what the user typed overrides the recipe and file.
+    """
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, argument_default=None)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="named settings from the paper")
+    parser.add_argument("-c", "--config", help="YAML file of field: value overrides (applied after the recipe)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name}")  # the reference's spelling
+        kind = hints[f.name]
+        help_text = f"{f.metadata['help']} (default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()})"
+        if kind is bool:
+            parser.add_argument(*flags, dest=f.name, type=_bool, nargs="?", const=True, metavar="BOOL", help=help_text)
+        elif kind in (list, dict):
+            parser.add_argument(*flags, dest=f.name, nargs="+", metavar="VALUE", help=help_text)
+        else:
+            scalar = {int: int, float: float, str: str}.get(kind, _optional_int if kind == int | None else str)
+            choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+            parser.add_argument(*flags, dest=f.name, type=scalar, choices=choices, help=help_text)
+    return parser
+
+
+def _optional_int(value: str) -> int | None:
+    return None if value.lower() in ("none", "") else int(value)
+
+
+def config_from_args(argv: list[str] | None = None, *, task: str | None = None, prog: str = "beitv2") -> TrainConfig:
+    """Parse flags into a validated :class:`TrainConfig`: recipe, then YAML file, then flags."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.recipe:
+        values.update(RECIPES[args.recipe])
+    if args.config:
+        with open(args.config) as f:
+            from_file = yaml.safe_load(f) or {}
+        unknown = set(from_file) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            parser.error(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
+        values.update(from_file)
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(args, f.name)
+        if given is None:
+            continue
+        if f.name in ("model_kwargs", "tokenizer_kwargs"):
+            try:
+                given = _parse_key_values(given, f"--{f.name.replace('_', '-')}")
+            except ValueError as exc:
+                parser.error(str(exc))
+        elif f.name == "opt_betas":
+            given = [float(v) for v in given]
+        values[f.name] = given
+    if task is not None:
+        if values.get("task", task) != task:
+            parser.error(f"--task {values['task']} contradicts the command, which trains {task}")
+        values["task"] = task
+    config = TrainConfig(**values)
+    try:
+        config.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config
+
+
+def save_config(config: TrainConfig, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)

@@ -1,0 +1,267 @@
+"""The one training loop, shared by tokenizer training, pretraining, fine-tuning and probing.
+
+A task (``train/tokenizer.py``, ``train/pretrain.py``, ``train/finetune.py``) supplies a
+:class:`Task`: the model, the loss of one batch, the parameter groups, the data and the FLOPs
+of one image. The loop owns everything else: distribution, mixed precision, accumulation,
+clipping, the non-finite check, the schedule, logging, checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, save_config
+from .distributed import Distributed, all_reduce, choose_parallel, parallelize, unwrap
+from .metrics import MetricLogger, log
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm that is NaN or infinite, on any rank."""
+
+
+@dataclasses.dataclass
+class TrainData:
+    """The training batches of every epoch, resumable at any batch.
+
+    Args:
+        batches_per_epoch: micro-batches per epoch on each rank (identical on every rank).
+        batches: ``batches(epoch, start)`` yields the batches of ``epoch`` from index ``start``;
+            the same (epoch, index) must give the same batch in a resumed run.
+    """
+
+    batches_per_epoch: int
+    batches: Callable[[int, int], Iterator[Any]]
+
+
+@dataclasses.dataclass
+class Task:
+    """What a task gives the loop.
+
+    Args:
+        model: the trainable module (unwrapped; the loop applies FSDP2/DDP and compilation).
+        loss: ``loss(model, batch) -> (loss, metrics)``: a scalar loss and 0-d detached tensors.
+        param_groups: ``param_groups(model) -> groups`` for AdamW, each with an ``lr_scale``.
+        data: the training batches.
+        images_per_batch: images in one micro-batch on one rank.
+        flops_per_image: training FLOPs per image, for MFU.
+        evaluate: optional ``evaluate(model, step) -> metrics``, run every ``eval_interval`` epochs.
+        on_log: optional ``on_log(model) -> metrics`` added to each log line (e.g. codebook usage).
+        on_end: optional ``on_end(model, output_dir)`` after the last step (exports, pictures).
+        frozen: modules that run without gradients (the tokenizer); moved to the device and
+            compiled with the model but never sharded or optimised.
+    """
+
+    model: nn.Module
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    param_groups: Callable[[nn.Module], list[dict]]
+    data: TrainData
+    images_per_batch: int
+    flops_per_image: float
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None
+    on_log: Callable[[nn.Module], dict[str, float]] | None = None
+    on_end: Callable[[nn.Module, str], None] | None = None
+    frozen: list[nn.Module] = dataclasses.field(default_factory=list)
+
+
+def cosine_lr(step: int, total: int, warmup: int, base: float, final: float) -> float:
+    """Linear warmup from 0 over ``warmup`` steps, then cosine from ``base`` to ``final``
+    (microsoft/unilm beit2/utils.py ``cosine_scheduler``, per step)."""
+    if step < warmup:
+        return base * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _move(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def build_optimizer(groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused where torch supports it (CUDA, and CPU in recent releases)."""
+    kwargs = dict(lr=config.lr, betas=tuple(config.opt_betas), eps=config.opt_eps, weight_decay=config.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except RuntimeError:
+        log.warning("fused AdamW is unavailable on %s; using the foreach implementation", device)
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, float]:
+    """Run ``task`` to the end (or ``max_steps``); return the last logged metrics."""
+    device = world.device
+    amp_dtype = AMP_DTYPES[config.amp_dtype]
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    model = task.model.to(device)
+    for module in task.frozen:
+        module.to(device).eval().requires_grad_(False)
+        if config.torchcompile:
+            module.compile()
+    parallel = choose_parallel(config.parallel, world)
+    param_dtype = amp_dtype if (parallel == "fsdp" and device.type == "cuda" and amp_dtype != torch.float32) else None
+    model = parallelize(
+        model, world, parallel=parallel, compile_blocks=config.torchcompile,
+        grad_checkpointing=config.grad_checkpointing, param_dtype=param_dtype,
+    )  # fmt: skip
+    optimizer = build_optimizer(task.param_groups(unwrap(model)), config, device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    steps_per_epoch = task.data.batches_per_epoch // config.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"--batch-size {config.batch_size} x --grad-accum-steps {config.grad_accum_steps} leaves no full step "
+            f"in an epoch of {task.data.batches_per_epoch} batches per rank; use a smaller batch or more data"
+        )
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps) if config.epochs else config.max_steps
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    global_batch = task.images_per_batch * config.grad_accum_steps * world.world_size
+
+    checkpoint_root = os.path.join(config.output_dir, "checkpoints")
+    extra = {"scaler_scale": torch.ones(())} if scaler is not None else None
+    step = 0
+    resume_from = None
+    if config.resume == "auto":
+        resume_from = ckpt.latest_checkpoint(checkpoint_root)
+    elif config.resume not in ("", "none"):
+        resume_from = config.resume
+    if resume_from:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, world, extra_tensors=extra)
+        step = state["step"]
+        if scaler is not None:
+            scaler.update(new_scale=float(extra["scaler_scale"]))
+        log.info("resumed from %s at step %d", resume_from, step)
+    if world.is_main:
+        os.makedirs(config.output_dir, exist_ok=True)
+        save_config(config, os.path.join(config.output_dir, "config.yaml"))
+
+    logger = MetricLogger(
+        config.output_dir, world, flops_per_image=task.flops_per_image, global_batch=global_batch,
+        total_steps=total_steps, use_wandb=config.log_wandb, config=dataclasses.asdict(config),
+    )  # fmt: skip
+    log.info(
+        "%s: %s, %d ranks (%s), %d steps of %d images, %s", config.task, config.model, world.world_size,
+        parallel, total_steps, global_batch, config.amp_dtype,
+    )  # fmt: skip
+
+    def save(at_step: int) -> None:
+        if scaler is not None:
+            extra["scaler_scale"].fill_(scaler.get_scale())
+        ckpt.save_checkpoint(
+            checkpoint_root, at_step, model, optimizer, world, state={"epoch": at_step // steps_per_epoch},
+            extra_tensors=extra, keep=config.keep_checkpoints,
+        )  # fmt: skip
+
+    last: dict[str, float] = {}
+    model.train()
+    batches: Iterator[Any] | None = None
+    while step < total_steps:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if batches is None or step_in_epoch == 0:
+            batches = task.data.batches(epoch, step_in_epoch * config.grad_accum_steps)
+        lr = cosine_lr(step, total_steps, warmup_steps, config.lr, config.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+        data_seconds = 0.0
+        loss_sum = torch.zeros((), device=device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for micro in range(config.grad_accum_steps):
+            start = time.perf_counter()
+            batch = _move(next(batches), device)
+            data_seconds += time.perf_counter() - start
+            with _gradient_sync(model, micro == config.grad_accum_steps - 1), autocast:
+                loss, metrics = task.loss(model, batch)
+            scaled = loss / config.grad_accum_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float()
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0) + value.detach().float() / config.grad_accum_steps
+
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        max_norm = config.clip_grad if config.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        # One flag for every rank: stop (or skip) together, before any update, never hang.
+        finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | (scaler is not None))
+        finite = all_reduce(finite.to(torch.int32), op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite.item()):
+            if config.nonfinite == "stop":
+                raise NonFiniteError(
+                    f"step {step}: non-finite loss ({loss_sum.item():.4g}) or gradient norm ({grad_norm.item():.4g}) "
+                    "on at least one rank; stopping every rank before the update. The last checkpoint is intact; "
+                    "use --nonfinite skip to skip such steps instead."
+                )
+            log.warning("step %d: non-finite loss or gradient norm; skipping the update", step)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()
+            step += 1
+            continue
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        logger.update({"loss": loss_sum / config.grad_accum_steps, "grad_norm": grad_norm, **metric_sums}, data_seconds)
+        if step % config.log_interval == 0 or step == total_steps:
+            extra_values = {"lr": lr}
+            if task.on_log is not None:
+                extra_values.update(task.on_log(unwrap(model)))
+            last = logger.write(step, extra_values)
+        if step % config.checkpoint_interval == 0 or step == total_steps:
+            save(step)
+        epoch_done = step % steps_per_epoch == 0
+        if task.evaluate is not None and epoch_done and ((step // steps_per_epoch) % config.eval_interval == 0):
+            model.eval()
+            logger.scalars("eval", step, task.evaluate(model, step))
+            model.train()
+
+    if task.on_end is not None:
+        task.on_end(model, config.output_dir)
+    ckpt.export_safetensors(model, os.path.join(config.output_dir, "model.safetensors"), world)
+    logger.close()
+    return last
