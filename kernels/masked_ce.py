@@ -267,7 +267,6 @@ if triton is not None:
     LOGITS_CONFIGS_16BIT = [
         triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
     LOGITS_CONFIGS_FP32 = [
@@ -277,7 +276,6 @@ if triton is not None:
     GRAD_WEIGHT_CONFIGS_16BIT = [
         triton.Config({"BLOCK_V": 128, "BLOCK_C": 128, "BLOCK_R": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_V": 128, "BLOCK_C": 64, "BLOCK_R": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_V": 64, "BLOCK_C": 128, "BLOCK_R": 64}, num_warps=4, num_stages=4),
     ]
     GRAD_WEIGHT_CONFIGS_FP32 = [
         triton.Config({"BLOCK_V": 64, "BLOCK_C": 64, "BLOCK_R": 32}, num_warps=4, num_stages=2),
@@ -573,9 +571,11 @@ def _triton_backward(x, weight, bias, target, lse, grad_rows, compute_grads):
 # --------------------------------------------------------------------------------------------
 # PyTorch kernel (CPU, and the "torch" backend on CUDA): the same chunks, fp32 throughout
 # --------------------------------------------------------------------------------------------
-def _torch_logits(rows: torch.Tensor, weight32: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
+def _torch_logits(rows, weight32, bias32, buffer):
+    """fp32 logits of ``rows`` written into ``buffer``, the one ``[chunk, V]`` tensor of a call."""
+    out = buffer[: rows.shape[0]]
     rows = rows.float()
-    return rows @ weight32.t() if bias32 is None else torch.addmm(bias32, rows, weight32.t())
+    return torch.mm(rows, weight32.t(), out=out) if bias32 is None else torch.addmm(bias32, rows, weight32.t(), out=out)
 
 
 def _torch_logits_to_grad(probs, safe_target, valid, row_scale):
@@ -610,9 +610,10 @@ def _torch_forward(x, weight, bias, target, ignore_index, reduction, compute_gra
     if in_forward:
         row_scale = _row_weights(target, ignore_index, reduction, _folds_mean(x.dtype))
     chunk = _chunk_rows(m, v, 4, CPU_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) if m else 1
+    buffer = x.new_empty(chunk, v, dtype=torch.float32)
     for start in range(0, m, chunk):
         end = min(start + chunk, m)
-        logits = _torch_logits(x[start:end], weight32, bias32)  # the only [rows, V] buffer
+        logits = _torch_logits(x[start:end], weight32, bias32, buffer)
         row_max, best = logits.max(dim=1)  # first index of the max, as torch.argmax
         target_logit = logits.gather(1, safe_target[start:end, None])[:, 0]
         sum_exp = logits.sub_(row_max[:, None]).exp_().sum(dim=1)  # logits now hold exp(logit - max)
@@ -636,9 +637,10 @@ def _torch_backward(x, weight, bias, target, lse, grad_rows, ignore_index, compu
     safe_target = torch.where(valid, target, 0)
     grads = _grad_buffers(x, weight, compute_grads, zeroed=True)
     chunk = _chunk_rows(m, v, 4, CPU_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) if m else 1
+    buffer = x.new_empty(chunk, v, dtype=torch.float32)
     for start in range(0, m, chunk):
         end = min(start + chunk, m)
-        probs = _torch_logits(x[start:end], weight32, bias32).sub_(lse[start:end, None]).exp_()
+        probs = _torch_logits(x[start:end], weight32, bias32, buffer).sub_(lse[start:end, None]).exp_()
         grad = _torch_logits_to_grad(probs, safe_target[start:end], valid[start:end], grad_rows[start:end])
         _torch_accumulate(grad, x[start:end], weight32, start, end, *grads, compute_grads)
     return grads
