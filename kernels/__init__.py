@@ -27,7 +27,7 @@ from .masked_ce import masked_linear_cross_entropy
 __beitv2_kernels__ = True
 
 # (op name, whether csrc/ has a C++ version): what `python -m kernels.env` reports on.
-OPS = [("codebook_lookup", True)]
+OPS = [("codebook_lookup", True), ("masked_linear_cross_entropy", False)]
 
 __all__ = [
     "BACKENDS",
