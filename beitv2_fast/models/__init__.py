@@ -7,7 +7,8 @@
 - ``convert``: official / timm / MMPretrain checkpoints, safetensors export.
 
 ``create_model(name, **kwargs)`` builds the reference's names (``list_models()``); with timm
-installed they are registered with ``timm.create_model`` too (except the names timm already has).
+installed they are registered with ``timm.create_model`` too, once timm is imported (except the
+names timm already has).
 """
 
 from . import convert
@@ -21,13 +22,12 @@ from .classifier import (
 from .convert import CheckpointMismatchError, export_safetensors, load_checkpoint, load_state_dict_file
 from .pretrain import BEiTForMaskedImageModeling, masked_positions
 from .quantizer import NormEMAVectorQuantizer
-from .registry import create_model, list_models, register_model, register_with_timm, timm_available
+from .registry import create_model, list_models, register_model, register_with_timm_when_available
 from .teachers import CLIPTeacher, DINOTeacher, HOGTeacher, Teacher, build_teacher
 from .vit import BEiT, BEiTBackbone, get_num_layer_for_vit, resample_abs_pos_embed, resize_rel_pos_bias_table
 from .vqkd import VQKD
 
-if timm_available():
-    register_with_timm()
+register_with_timm_when_available()
 
 __all__ = [
     "BEiT",

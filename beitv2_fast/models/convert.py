@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 
@@ -93,7 +94,9 @@ def load_state_dict_file(path: str | os.PathLike, *, unwrap: bool = True, map_lo
 
         obj = load_file(path, device=str(map_location))
     elif _is_torchscript_archive(path):
-        obj = torch.jit.load(path, map_location=map_location).state_dict()
+        with warnings.catch_warnings():  # torch >= 2.12 marks torch.jit deprecated; OpenAI's CLIP still is one
+            warnings.simplefilter("ignore", FutureWarning)
+            obj = dict(torch.jit.load(path, map_location=map_location).state_dict())
     else:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     return unwrap_state_dict(obj) if unwrap else obj

@@ -1,18 +1,23 @@
 """Model names: ``create_model(name, **kwargs)`` for the reference's names (and a few more), also
 registered with ``timm.create_model`` when timm is installed.
 
-timm is optional. Names timm already defines (``beit_base_patch16_224``, ``beit_large_patch16_224``,
-...: the same architecture as ours) are left to timm there; ``create_model`` here always builds ours.
+timm is optional, and importing it takes seconds, so it is not imported here: the names are
+registered as soon as timm is imported (now, if it already is). Names timm already defines
+(``beit_base_patch16_224``, ``beit_large_patch16_224``, ...: the same architecture as ours) are
+left to timm there; ``create_model`` here always builds ours.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.abc
 import importlib.util
 import sys
 from collections.abc import Callable
 
 import torch.nn as nn
+
+__all__ = ["create_model", "list_models", "register_model", "register_with_timm", "register_with_timm_when_available"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -79,5 +84,31 @@ def register_with_timm() -> list[str]:
     return added
 
 
-def timm_available() -> bool:
-    return importlib.util.find_spec("timm") is not None
+class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``timm`` is first imported, it lets the other finders locate it
+    and registers our names once timm's package has run."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.loader is None:
+            return spec
+        exec_timm = spec.loader.exec_module
+
+        def exec_module(module):
+            exec_timm(module)
+            register_with_timm()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def register_with_timm_when_available() -> None:
+    """Register with timm now if it is imported, else as soon as it is (if it is installed)."""
+    if "timm" in sys.modules:
+        register_with_timm()
+    elif importlib.util.find_spec("timm") is not None:
+        if not any(isinstance(f, _RegisterWhenTimmLoads) for f in sys.meta_path):
+            sys.meta_path.insert(0, _RegisterWhenTimmLoads())
