@@ -1,19 +1,157 @@
-"""The ``beitv2`` command."""
+"""The ``beitv2`` command (also ``python -m beitv2_fast``, which is what ``torchrun -m`` runs).
+
+    beitv2 demo                                   # offline: tokenizer, then BEiT v2, on built-in images
+    beitv2 train-tokenizer --recipe vqkd_base_clip --teacher-weight ViT-B-16.pt --data-dir /imagenet
+    torchrun --nproc-per-node 8 -m beitv2_fast pretrain --recipe beitv2_base_1600e \\
+        --tokenizer-weight vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth --data-dir /imagenet
+    beitv2 finetune --recipe finetune_base_1600e --finetune runs/beitv2/model.safetensors --data-dir /imagenet
+    beitv2 linprobe --recipe linprobe_base --finetune runs/beitv2/model.safetensors --data-dir /imagenet
+    beitv2 tokenize --tokenizer-weight vqkd.pth images/*.jpg --output-dir tokens/
+    beitv2 convert beitv2_base_patch16_224_pt1k.pth out.safetensors --model beit_base_patch16_224_8k_vocab_cls_pt
+    beitv2 env
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+TRAINING = {"train-tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "finetune", "linprobe": "linprobe"}
+
+
+def run_training(task: str, argv: list[str]) -> dict[str, float]:
+    """Parse the flags of one training command and run it on this process's rank."""
+    from .train.config import config_from_args
+    from .train.distributed import init_distributed, shutdown
+    from .train.loop import seed_everything, train
+    from .train.metrics import setup_logging
+
+    command = next(name for name, t in TRAINING.items() if t == task)
+    config = config_from_args(argv, task=task, prog=f"beitv2 {command}")
+    world = init_distributed()
+    setup_logging(world)
+    seed_everything(config.seed, world.rank)
+    try:
+        if task == "tokenizer":
+            from .train.tokenizer import build_tokenizer_task as build
+        elif task == "pretrain":
+            from .train.pretrain import build_pretrain_task as build
+        else:
+            from .train.finetune import build_finetune_task as build
+        return train(config, build(config, world), world)
+    finally:
+        shutdown()
+
+
+def tokenize(argv: list[str]) -> int:
+    """Images in, token ids (JSON) and a picture of the token maps out."""
+    parser = argparse.ArgumentParser(prog="beitv2 tokenize", description=tokenize.__doc__, allow_abbrev=False)
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--tokenizer-model", default="vqkd_encoder_base_decoder_3x768x12_clip")
+    parser.add_argument("--tokenizer-weight", required=True, help="local VQ-KD checkpoint")
+    parser.add_argument("--tokenizer-kwargs", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--codebook-size", type=int, default=8192)
+    parser.add_argument("--codebook-dim", type=int, default=32)
+    parser.add_argument("--output-dir", default="tokens")
+    args = parser.parse_args(argv)
+
+    import json
+    import os
+
+    import torch
+
+    from .data import EvalTransform, decode_image
+    from .models import create_model
+    from .train.config import _parse_key_values
+    from .viz import draw_token_maps
+
+    try:
+        extra = _parse_key_values(args.tokenizer_kwargs, "--tokenizer-kwargs")
+    except ValueError as exc:
+        parser.error(str(exc))
+    tokenizer = create_model(
+        args.tokenizer_model, pretrained=True, pretrained_weight=args.tokenizer_weight, as_tokenzer=True,
+        img_size=args.input_size, n_code=args.codebook_size, code_dim=args.codebook_dim, **extra,
+    ).eval()  # fmt: skip
+    transform = EvalTransform(args.input_size, mean=None, std=None)
+    images = torch.stack([transform(decode_image(path)) for path in args.images])
+    with torch.no_grad():
+        ids = tokenizer.get_codebook_indices(images)
+    grid = tokenizer.encoder.patch_embed.grid_size
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "tokens.json"), "w") as f:
+        json.dump({path: row.tolist() for path, row in zip(args.images, ids, strict=True)}, f)
+    picture = os.path.join(args.output_dir, "token_maps.png")
+    draw_token_maps(images, ids.reshape(-1, *grid), args.codebook_size, picture)
+    print(f"wrote {args.output_dir}/tokens.json and {picture}")
+    return 0
+
+
+def convert(argv: list[str]) -> int:
+    """Convert a checkpoint between the official, timm, MMPretrain and safetensors layouts."""
+    parser = argparse.ArgumentParser(prog="beitv2 convert", description=convert.__doc__, allow_abbrev=False)
+    parser.add_argument("source", help="checkpoint file (official .pth, timm, MMPretrain, ours, .safetensors)")
+    parser.add_argument("destination", help="output file")
+    parser.add_argument("--model", required=True, help="model name the checkpoint belongs to (checked strictly)")
+    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--to", choices=["official", "timm", "mmpretrain", "safetensors"], default="safetensors")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from .models import convert as conversions
+    from .models import create_model
+    from .train.config import _parse_key_values
+
+    try:
+        extra = _parse_key_values(args.model_kwargs, "--model-kwargs")
+    except ValueError as exc:
+        parser.error(str(exc))
+    model = create_model(args.model, pretrained=True, pretrained_weight=args.source, **extra)
+    if args.to == "safetensors":
+        conversions.export_safetensors(model, args.destination)
+    else:
+        state = model.state_dict()
+        if args.to == "timm":
+            state = conversions.to_timm(state)
+        elif args.to == "mmpretrain":
+            state = conversions.to_mmpretrain(state)
+        else:
+            state = {"model": state}  # the official files wrap the weights this way
+        torch.save(state, args.destination)
+    print(f"wrote {args.destination} ({args.to} layout)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="beitv2", description="BEiT v2 on fused kernels")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("env", help="print versions and the kernel implementation each op uses here")
-    args = parser.parse_args(argv)
-    if args.command == "env":
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="beitv2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument(
+        "command",
+        choices=["demo", *TRAINING, "tokenize", "convert", "env"],
+        help="what to run; COMMAND --help for its flags",
+    )
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    command, rest = parser.parse_args(argv[:1]).command, argv[1:]
+    if command == "env":
         from kernels.env import report
 
         print(report())
+        return 0
+    if command == "demo":
+        from .demo import main as demo
+
+        return demo(rest)
+    if command == "tokenize":
+        return tokenize(rest)
+    if command == "convert":
+        return convert(rest)
+    run_training(TRAINING[command], rest)
     return 0
 
 

@@ -176,13 +176,13 @@ def load_checkpoint(
 
 
 def export_safetensors(model: nn.Module, path: str, world: Distributed) -> None:
-    """Write the full model weights (official key names) as one safetensors file, from rank 0."""
-    from safetensors.torch import save_file
+    """Write the full model weights (official key names) as one safetensors file, from rank 0,
+    through a temporary file so that a crash never leaves a truncated export."""
+    from ..models.convert import export_safetensors as write_safetensors
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.is_main:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in full.items()}
         tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        write_safetensors(full, tmp, metadata={"format": "pt"})
         os.replace(tmp, path)
     barrier()

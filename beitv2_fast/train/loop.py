@@ -46,6 +46,16 @@ class TrainData:
     batches_per_epoch: int
     batches: Callable[[int, int], Iterator[Any]]
 
+    @classmethod
+    def from_loader(cls, loader) -> TrainData:
+        """Batches of a ``beitv2_fast.data`` loader, whose draws depend only on (seed, epoch, index)."""
+
+        def batches(epoch: int, start: int) -> Iterator[Any]:
+            loader.epoch, loader.batches_consumed = epoch, start
+            return iter(loader)
+
+        return cls(len(loader), batches)
+
 
 @dataclasses.dataclass
 class Task:
@@ -60,6 +70,7 @@ class Task:
         flops_per_image: training FLOPs per image, for MFU.
         evaluate: optional ``evaluate(model, step) -> metrics``, run every ``eval_interval`` epochs.
         on_log: optional ``on_log(model) -> metrics`` added to each log line (e.g. codebook usage).
+        on_epoch_start: optional ``on_epoch_start(model, epoch)`` (e.g. reset codebook usage).
         on_end: optional ``on_end(model, output_dir)`` after the last step (exports, pictures).
         frozen: modules that run without gradients (the tokenizer); moved to the device and
             compiled with the model but never sharded or optimised.
@@ -73,6 +84,7 @@ class Task:
     flops_per_image: float
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None
     on_log: Callable[[nn.Module], dict[str, float]] | None = None
+    on_epoch_start: Callable[[nn.Module, int], None] | None = None
     on_end: Callable[[nn.Module, str], None] | None = None
     frozen: list[nn.Module] = dataclasses.field(default_factory=list)
 
@@ -95,6 +107,8 @@ def seed_everything(seed: int, rank: int) -> None:
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple batch
+        return type(batch)(*(_move(b, device) for b in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(_move(b, device) for b in batch)
     if isinstance(batch, dict):
@@ -197,6 +211,8 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if batches is None or step_in_epoch == 0:
             batches = task.data.batches(epoch, step_in_epoch * config.grad_accum_steps)
+            if task.on_epoch_start is not None and step_in_epoch == 0:
+                task.on_epoch_start(unwrap(model), epoch)
         lr = cosine_lr(step, total_steps, warmup_steps, config.lr, config.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)

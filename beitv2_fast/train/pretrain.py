@@ -1,0 +1,87 @@
+"""BEiT v2 pretraining: a frozen VQ-KD tokenizer gives the visual tokens, the student predicts
+those of the masked patches through both heads (microsoft/unilm ``engine_for_pretraining.py``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import MaskingGenerator, PretrainTransform, build_dataset, build_loader
+from ..models import create_model, get_parameter_groups
+from .config import TrainConfig
+from .distributed import Distributed
+from .loop import Task, TrainData
+from .metrics import vit_forward_flops
+
+
+def build_tokenizer(config: TrainConfig) -> torch.nn.Module:
+    """The frozen tokenizer from a local checkpoint (as the reference's ``as_tokenzer=True``)."""
+    if not config.tokenizer_weight:
+        raise ValueError(
+            "--tokenizer-weight is required: a local VQ-KD checkpoint (official vqkd_*.pth, or model.safetensors "
+            "from `beitv2 train-tokenizer`); a random tokenizer gives meaningless targets"
+        )
+    return create_model(
+        config.tokenizer_model, pretrained=True, pretrained_weight=config.tokenizer_weight, as_tokenzer=True,
+        img_size=config.second_input_size, n_code=config.codebook_size, code_dim=config.codebook_dim,
+        **config.tokenizer_kwargs,
+    ).eval()  # fmt: skip
+
+
+def pretrain_flops_per_image(student, tokenizer, num_mask_patches: int) -> float:
+    """Student forward + backward (3x forward), both LM heads, and the tokenizer's forward."""
+    tokens = student.patch_embed.num_patches + 1
+    dim = student.embed_dim
+    forward = vit_forward_flops(tokens, dim, len(student.blocks) + len(student.cls_pt_layers))
+    forward += 2 * (tokens - 1) * dim * 3 * student.patch_embed.patch_size[0] * student.patch_embed.patch_size[1]
+    heads = 2 if len(student.cls_pt_layers) else 1
+    forward += heads * 2 * num_mask_patches * dim * student.vocab_size
+    encoder = tokenizer.encoder
+    codes = tokenizer.quantize.embedding.weight.shape
+    tokenizer_forward = vit_forward_flops(encoder.patch_embed.num_patches + 1, encoder.embed_dim, len(encoder.blocks))
+    tokenizer_forward += 2 * (tokens - 1) * (encoder.embed_dim * encoder.embed_dim + encoder.embed_dim * codes[1])
+    tokenizer_forward += 2 * (tokens - 1) * codes[0] * codes[1]
+    return 3 * forward + tokenizer_forward
+
+
+def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
+    tokenizer = build_tokenizer(config)
+    student = create_model(
+        config.model, img_size=config.input_size, vocab_size=config.codebook_size, drop_path_rate=config.drop_path,
+        init_values=config.layer_scale_init_value or None, early_layers=config.early_layers,
+        head_layers=config.head_layers, shared_lm_head=config.shared_lm_head, **config.model_kwargs,
+    )  # fmt: skip
+    grid = student.patch_embed.grid_size
+    if config.num_mask_patches > grid[0] * grid[1]:
+        raise ValueError(
+            f"--num-mask-patches {config.num_mask_patches} exceeds the {grid[0] * grid[1]} patches of a "
+            f"{config.input_size}px image"
+        )
+    dataset = build_dataset(config.data_dir or "demo", "train")
+    transform = PretrainTransform(
+        config.input_size, config.second_input_size, min_crop_scale=config.min_crop_scale,
+        uint8_output=world.device.type == "cuda",
+    )  # fmt: skip
+    masking = MaskingGenerator(
+        grid, config.num_mask_patches, min_num_patches=min(config.min_mask_patches_per_block, config.num_mask_patches),
+        max_num_patches=config.max_mask_patches_per_block,
+    )  # fmt: skip
+    loader = build_loader(
+        "pretrain", dataset, batch_size=config.batch_size, transform=transform, masking=masking, seed=config.seed,
+        num_workers=config.num_workers, device=world.device, backend="dali" if config.data_backend == "dali" else "torch",
+    )  # fmt: skip
+
+    def loss(model, batch):
+        images, tokenizer_images, mask_index = batch
+        with torch.no_grad():
+            target_ids = tokenizer.get_codebook_indices(tokenizer_images)
+        out = model(images, mask_index, target_ids)
+        return out["loss"], {k: v for k, v in out.items() if k != "loss"}
+
+    return Task(
+        model=student, loss=loss,
+        param_groups=lambda model: get_parameter_groups(model, config.weight_decay),
+        data=TrainData.from_loader(loader), images_per_batch=config.batch_size,
+        flops_per_image=pretrain_flops_per_image(student, tokenizer, config.num_mask_patches),
+        on_log=lambda model: {"data_skipped": float(loader.num_skipped)},
+        frozen=[tokenizer],
+    )  # fmt: skip
