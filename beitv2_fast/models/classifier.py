@@ -10,6 +10,7 @@ released fine-tuned checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping
 
@@ -18,7 +19,15 @@ import torch.nn as nn
 
 from .convert import fill_derived_buffers, load_state_dict_file, unwrap_state_dict
 from .registry import register_model
-from .vit import SIZES, BEiT, BEiTBackbone, resample_abs_pos_embed, resize_rel_pos_bias_table, trunc_normal_
+from .vit import (
+    NUM_CLS_TABLE_ENTRIES,
+    SIZES,
+    BEiT,
+    BEiTBackbone,
+    resample_abs_pos_embed,
+    resize_rel_pos_bias_table,
+    trunc_normal_,
+)
 
 FINETUNE_DEFAULTS = {
     "qkv_bias": True,
@@ -129,8 +138,8 @@ def prepare_finetune_state_dict(model: BEiT, checkpoint, *, model_key: str = "mo
     grid = model.patch_embed.grid_size
     for key, value in list(state_dict.items()):
         if key.endswith("relative_position_bias_table") and key in own and value.shape != own[key].shape:
-            side = int((value.shape[0] - 3) ** 0.5)
-            state_dict[key] = resize_rel_pos_bias_table(value, (side, side), grid)
+            span = math.isqrt(value.shape[0] - NUM_CLS_TABLE_ENTRIES)  # 2 * side - 1 (square, as the reference)
+            state_dict[key] = resize_rel_pos_bias_table(value, ((span + 1) // 2,) * 2, grid)
     if (
         "pos_embed" in state_dict
         and model.pos_embed is not None
