@@ -216,6 +216,16 @@ class PatchEmbed(nn.Module):
         return tokens.flatten(2).transpose(1, 2), grid
 
 
+def _resize_table_of(module: nn.Module, window_size: Sequence[int] | int) -> None:
+    """Give ``module``'s ``relative_position_bias_table``/``relative_position_index`` another grid."""
+    window_size = to_2tuple(window_size)
+    old = module.relative_position_bias_table
+    table = resize_rel_pos_bias_table(old, module.window_size, window_size)
+    module.relative_position_bias_table = nn.Parameter(table, requires_grad=old.requires_grad)
+    module.relative_position_index = kernels.relative_position_index(*window_size).to(table.device)
+    module.window_size = window_size
+
+
 class RelativePositionBias(nn.Module):
     """The relative position bias shared by all blocks: ``table [(2h-1)(2w-1)+3, H]`` and its
     persistent ``relative_position_index [h*w+1, h*w+1]`` (both in the official state dicts)."""
@@ -234,13 +244,7 @@ class RelativePositionBias(nn.Module):
 
     def set_window_size(self, window_size: Sequence[int] | int) -> None:
         """Resize the table (reference algorithm) and rebuild the index for another patch grid."""
-        window_size = to_2tuple(window_size)
-        table = resize_rel_pos_bias_table(self.relative_position_bias_table, self.window_size, window_size)
-        self.relative_position_bias_table = nn.Parameter(
-            table, requires_grad=self.relative_position_bias_table.requires_grad
-        )
-        self.relative_position_index = kernels.relative_position_index(*window_size).to(table.device)
-        self.window_size = window_size
+        _resize_table_of(self, window_size)
 
 
 class Attention(nn.Module):
@@ -295,15 +299,9 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, -1)))
 
     def set_window_size(self, window_size: Sequence[int] | int) -> None:
-        if self.relative_position_bias_table is None:
-            return
-        window_size = to_2tuple(window_size)
-        table = resize_rel_pos_bias_table(self.relative_position_bias_table, self.window_size, window_size)
-        self.relative_position_bias_table = nn.Parameter(
-            table, requires_grad=self.relative_position_bias_table.requires_grad
-        )
-        self.relative_position_index = kernels.relative_position_index(*window_size).to(table.device)
-        self.window_size = window_size
+        """Resize this block's table (if any) and rebuild its index for another patch grid."""
+        if self.relative_position_bias_table is not None:
+            _resize_table_of(self, window_size)
 
 
 class Mlp(nn.Module):
