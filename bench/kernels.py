@@ -2,6 +2,8 @@
 
     python bench/kernels.py codebook                  # BEiT v2 shape: M = 256 x 196, K = 8192, D = 32
     python bench/kernels.py codebook --m 4096 --dtype fp32
+    python bench/kernels.py masked_ce                 # MIM head fwd+bwd: M = 256 x 75, C = 768, V = 8192
+    python bench/kernels.py masked_ce --c 1024        # ViT-L
 
 Times are medians with 20th/80th percentiles (``triton.testing.do_bench`` on CUDA,
 ``torch.utils.benchmark`` on the CPU). Peak memory is the extra memory one call needs beyond
@@ -94,7 +96,96 @@ def _with_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object
     return run
 
 
-CASES = {"codebook": codebook_case}
+# --------------------------------------------------------------------------------------------
+# Masked linear cross-entropy (forward + backward)
+# --------------------------------------------------------------------------------------------
+def _forward_backward(loss_fn: Callable, *leaves: torch.Tensor) -> Callable[[], object]:
+    """One training step of the head: forward, backward, then drop the gradients so that each
+    call allocates (and the peak counts) them afresh."""
+
+    def step():
+        loss = loss_fn(*leaves)
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        loss.backward()
+        for leaf in leaves:
+            leaf.grad = None
+
+    return step
+
+
+def _with_gradient_in_forward(enabled: bool, fn: Callable[[], object]) -> Callable[[], object]:
+    from kernels import masked_ce
+
+    def run():
+        previous, masked_ce.GRADIENT_IN_FORWARD = masked_ce.GRADIENT_IN_FORWARD, enabled
+        try:
+            return fn()
+        finally:
+            masked_ce.GRADIENT_IN_FORWARD = previous
+
+    return run
+
+
+def masked_ce_case(args, device: torch.device) -> Case:
+    dtype = DTYPES[args.dtype]
+    m, c, v = args.m, args.c, args.v
+    x = torch.randn(m, c, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, c, device=device) / c**0.5).to(dtype).requires_grad_()
+    bias = torch.zeros(v, device=device, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, v, (m,), device=device)
+
+    def ours(a, w, b):
+        return kernels.masked_linear_cross_entropy(a, w, b, target)
+
+    def unfused(a, w, b):  # the reference MIM loss: logits, fp32 cross-entropy, argmax for the accuracy
+        return reference.masked_linear_cross_entropy(a, w, b, target)
+
+    leaves = (x, weight, bias)
+    providers = {"linear+cross_entropy (reference)": _forward_backward(unfused, *leaves)}
+    if device.type == "cuda":
+        providers["torch.compile(reference)"] = _forward_backward(torch.compile(unfused), *leaves)
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            providers["Liger fused_linear_cross_entropy"] = _forward_backward(
+                lambda a, w, b: liger_fused_linear_cross_entropy(a, w, target, bias=b), *leaves
+            )
+        except ImportError:
+            pass
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+
+            providers["Cut Cross-Entropy"] = _forward_backward(
+                lambda a, w, b: linear_cross_entropy(a, w, target, bias=b), *leaves
+            )
+        except ImportError:
+            pass
+        available = {"triton": _dispatch.TRITON_AVAILABLE, "torch": True}
+        for backend in (name for name, ok in available.items() if ok):
+            step = _with_backend(backend, _forward_backward(ours, *leaves))
+            providers[f"ours[{backend}]"] = _with_gradient_in_forward(True, step)
+            providers[f"ours[{backend}, recompute in backward]"] = _with_gradient_in_forward(False, step)
+    else:
+        providers["ours[torch, chunked]"] = _with_gradient_in_forward(True, _forward_backward(ours, *leaves))
+        providers["ours[torch, chunked, recompute in backward]"] = _with_gradient_in_forward(
+            False, _forward_backward(ours, *leaves)
+        )
+    element = torch.finfo(dtype).bits // 8
+    return Case(
+        op="masked_ce",
+        shape=f"M={m} C={c} V={v} fwd+bwd",
+        dtype=args.dtype,
+        providers=providers,
+        # read x, weight, bias and target, write their gradients
+        bytes_moved=2 * (m * c + v * c + v) * element + m * 8,
+        flops=6 * m * c * v,  # logits, dlogits @ weight, dlogits^T @ x
+        baseline="linear+cross_entropy (reference)",
+    )
+
+
+CASES = {"codebook": codebook_case, "masked_ce": masked_ce_case}
+# Rows when --m is not given: codebook, the tokens of 256 images; masked_ce, their 75 masked patches each.
+DEFAULT_ROWS = {"codebook": 256 * 196, "masked_ce": 256 * 75}
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,13 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("op", choices=sorted(CASES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on the CPU")
-    parser.add_argument("--m", type=int, default=256 * 196, help="rows (codebook: tokens of 256 images)")
+    parser.add_argument("--m", type=int, default=None, help="rows (default: codebook 256 x 196, masked_ce 256 x 75)")
     parser.add_argument("--k", type=int, default=8192, help="codes")
     parser.add_argument("--d", type=int, default=32, help="code dimension")
+    parser.add_argument("--c", type=int, default=768, help="masked_ce: features (ViT-B 768, ViT-L 1024)")
+    parser.add_argument("--v", type=int, default=8192, help="masked_ce: classes (the tokenizer's codes)")
     parser.add_argument("--no-csv", action="store_true", help="print only; do not append to bench/results/kernels.csv")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    args.m = DEFAULT_ROWS.get(args.op, 256 * 196) if args.m is None else args.m
     torch.manual_seed(0)
     rows = run_case(CASES[args.op](args, device), args, device)
     print_table(rows)
