@@ -15,9 +15,9 @@ When the gradient is computed (``GRADIENT_IN_FORWARD``)
     ``2 M C V`` matmul, about what it saves in traffic. By default the forward therefore
     computes the gradients for a loss gradient of 1 (Liger's choice) and the backward only
     rescales them by the incoming gradient. In that pass each logit tile is stored once, as
-    ``exp(logit - tile max)`` in the input dtype (in ``(0, 1]``, so bf16 keeps its relative
-    precision), and a second kernel turns the stored tiles into the gradient once the row's
-    log-sum-exp is known. ``reduction="none"`` (whose backward weights every row differently)
+    ``exp(logit - running max)`` in the input dtype (in ``(0, 1]``, so bf16 keeps its relative
+    precision) with that running max per row, and a second kernel turns the stored tiles into the
+    gradient once the row's log-sum-exp is known. ``reduction="none"`` (whose backward weights every row differently)
     and ``GRADIENT_IN_FORWARD = False`` use the other strategy: the forward keeps only the
     log-sum-exp per row and the backward recomputes the logits chunk by chunk.
 
@@ -49,7 +49,7 @@ REDUCTIONS = ("mean", "sum", "none")
 GRADIENT_IN_FORWARD = True
 CPU_CHUNK_BYTES = 64 << 20  # fp32 logits of one row chunk in the PyTorch kernel (2048 rows at V = 8192)
 GPU_CHUNK_BYTES = 64 << 20  # gradient of the logits of one row chunk (input dtype) in the Triton path
-VOCAB_TILE = 128  # logit columns per tile on the GPU: the unit of the stored tile maxima
+VOCAB_TILE = 128  # logit columns per tile on the GPU: the unit of the stored references
 INTERPRETER_VOCAB_TILE = 32  # small tiles so that the interpreter tests cross many of them
 
 
@@ -67,9 +67,9 @@ if triton is not None:
         LSE,  # [R] fp32 log-sum-exp (GRAD_FROM_LSE)
         ROW_SCALE,  # [R] fp32 gradient weight of each row, 0 for ignored rows (GRAD_FROM_LSE)
         OUT,  # [R, V] input dtype: exp tiles (STORE_EXP) or the gradient (GRAD_FROM_LSE)
-        TILE_MAX,  # [R, num_tiles] fp32 max of each stored tile (STORE_EXP)
+        TILE_REF,  # [R, num_tiles] fp32 reference of each stored tile: the running max (STORE_EXP)
         PART_MAX,  # [SPLITS, R] fp32 per vocabulary split: max logit,
-        PART_SUM,  # sum of exp(logit - max),
+        PART_SUM,  # sum of exp(logit - max) (max replaced by 0 if it is -inf),
         PART_BEST_ID,  # int32 first index of the max,
         PART_TARGET,  # fp32 target logit (0 where the target lies in another split)
         R,
@@ -81,7 +81,7 @@ if triton is not None:
         vocab_per_split,
         num_tiles,  #
         HAS_BIAS: tl.constexpr,
-        STORE_EXP: tl.constexpr,  # keep the running statistics and store exp(logit - tile max)
+        STORE_EXP: tl.constexpr,  # also store exp(logit - running max) and that running max
         GRAD_FROM_LSE: tl.constexpr,  # the log-sum-exp is known: store the gradient of the logits
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -134,19 +134,22 @@ if triton is not None:
                     grad = (prob - is_target.to(tl.float32)) * row_scale[:, None]
                     tl.store(out_ptrs, grad.to(OUT.dtype.element_ty), mask=out_mask)
                 else:
-                    tile_max, tile_arg = tl.max(logits, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                    # strictly greater: on a tie the earlier (lower) index stays, as torch.argmax
-                    best_id = tl.where(tile_max > run_max, v0 + tile_arg, best_id)
-                    # a tile of -inf logits (a -inf bias) must give zeros, not NaN
-                    tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-                    scaled = tl.exp(logits - tile_ref[:, None])
-                    new_max = tl.maximum(run_max, tile_ref)
-                    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(scaled, axis=1) * tl.exp(tile_ref - new_max)
+                    tile_max = tl.max(logits, axis=1)
+                    # the first column holding the max (cheaper in registers than return_indices);
+                    # strictly greater: on a tie with an earlier tile its lower index stays, as torch.argmax
+                    tile_arg = tl.min(tl.where(logits == tile_max[:, None], cols[None, :], V), axis=1)
+                    best_id = tl.where(tile_max > run_max, tile_arg, best_id)
+                    new_max = tl.maximum(run_max, tile_max)
+                    # the exponentials' reference: the running max, or 0 while every logit is -inf
+                    # (a bias that switches classes off), so that they give zeros, not NaN
+                    ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+                    scaled = tl.exp(logits - ref[:, None])
+                    run_sum = run_sum * tl.exp(run_max - ref) + tl.sum(scaled, axis=1)
                     run_max = new_max
                     target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
                     if STORE_EXP:
                         tl.store(out_ptrs, scaled.to(OUT.dtype.element_ty), mask=out_mask)
-                        tl.store(TILE_MAX + rows * num_tiles + v0 // BLOCK_N, tile_ref, mask=row_ok)
+                        tl.store(TILE_REF + rows * num_tiles + v0 // BLOCK_N, ref, mask=row_ok)
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 
         if not GRAD_FROM_LSE:
@@ -164,7 +167,7 @@ if triton is not None:
         PART_TARGET,  # [SPLITS, R] from _logits_kernel
         TARGET,  # [R] int64
         ROW_SCALE,  # [R] fp32 (CONVERT)
-        TILE_MAX,  # [R, num_tiles] fp32 (CONVERT)
+        TILE_REF,  # [R, num_tiles] fp32 (CONVERT)
         OUT,  # [R, V] exp tiles, turned into the gradient in place (CONVERT)
         LSE,
         LOSS,  # [R] fp32 outputs
@@ -211,8 +214,8 @@ if triton is not None:
                 mask = row_ok[:, None] & (cols[None, :] < V)
                 ptrs = OUT + rows[:, None] * stride_om + cols[None, :]
                 scaled = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                tile_max = tl.load(TILE_MAX + rows * num_tiles + tile, mask=row_ok, other=0.0)
-                prob = scaled * tl.exp(tile_max - lse)[:, None]
+                tile_ref = tl.load(TILE_REF + rows * num_tiles + tile, mask=row_ok, other=0.0)
+                prob = scaled * tl.exp(tile_ref - lse)[:, None]
                 grad = (prob - (cols[None, :] == target[:, None]).to(tl.float32)) * row_scale[:, None]
                 tl.store(ptrs, grad.to(OUT.dtype.element_ty), mask=mask)
 
@@ -263,19 +266,23 @@ if triton is not None:
                 column_sum += tl.sum(g.to(tl.float32), axis=0)
             tl.store(DB + vocab, tl.load(DB + vocab, mask=v_ok, other=0.0) + column_sum, mask=v_ok)
 
-    # Tensor-core configurations for bf16/fp16 (BLOCK_N is VOCAB_TILE) and FMA ones for fp32.
+    # Tensor-core configurations for bf16/fp16 (BLOCK_N is VOCAB_TILE) and FMA ones for fp32. The
+    # logits kernel's epilogue (exp, max, argmax, target and stores on the whole tile) keeps its
+    # tile in registers: 32 logits per thread leave room; 64 (a 128 x 128 tile on 8 warps) reach
+    # the 255-register limit and spill with some compiler versions.
     LOGITS_CONFIGS_16BIT = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
     LOGITS_CONFIGS_FP32 = [
-        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
     ]
     GRAD_WEIGHT_CONFIGS_16BIT = [
         triton.Config({"BLOCK_V": 128, "BLOCK_C": 128, "BLOCK_R": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_V": 128, "BLOCK_C": 64, "BLOCK_R": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_V": 128, "BLOCK_C": 128, "BLOCK_R": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_V": 128, "BLOCK_C": 64, "BLOCK_R": 64}, num_warps=8, num_stages=4),
     ]
     GRAD_WEIGHT_CONFIGS_FP32 = [
         triton.Config({"BLOCK_V": 64, "BLOCK_C": 64, "BLOCK_R": 32}, num_warps=4, num_stages=2),
@@ -340,8 +347,8 @@ class _TritonChunks:
         self.partials = [torch.empty(self.splits * chunk_rows, **fp32) for _ in range(3)]
         self.best_ids = torch.empty(self.splits * chunk_rows, device=x.device, dtype=torch.int32)
 
-    def logits(self, start, end, out=None, tile_max=None, lse=None, row_scale=None):
-        """Run the logits kernel on rows [start, end): statistics only; with ``out`` and ``tile_max``
+    def logits(self, start, end, out=None, tile_ref=None, lse=None, row_scale=None):
+        """Run the logits kernel on rows [start, end): statistics only; with ``out`` and ``tile_ref``
         (that chunk's buffers) also the exp tiles; with ``lse`` and ``row_scale`` the gradient into ``out``."""
         rows = end - start
         x = self.x[start:end]
@@ -355,7 +362,7 @@ class _TritonChunks:
             dummy if lse is None else lse[start:end],
             dummy if row_scale is None else row_scale[start:end],
             dummy if out is None else out,
-            dummy if tile_max is None else tile_max,
+            dummy if tile_ref is None else tile_ref,
             *parts,
             rows,
             self.vocab,
@@ -368,7 +375,7 @@ class _TritonChunks:
         )
         constants = dict(
             HAS_BIAS=self.bias is not None,
-            STORE_EXP=tile_max is not None,
+            STORE_EXP=tile_ref is not None,
             GRAD_FROM_LSE=lse is not None,
             BLOCK_N=self.tile,
             DOT_PRECISION=self.precision,
@@ -386,7 +393,7 @@ class _TritonChunks:
         part_max, part_sum, part_target = (p[:n].view(self.splits, rows) for p in self.partials)
         return part_max, part_sum, self.best_ids[:n].view(self.splits, rows), part_target
 
-    def finish(self, start, end, lse, loss_rows, correct, ignore_index, out=None, tile_max=None, row_scale=None):
+    def finish(self, start, end, lse, loss_rows, correct, ignore_index, out=None, tile_ref=None, row_scale=None):
         rows = end - start
         part_max, part_sum, best_ids, part_target = self._split_views(rows)
         block_r = INTERPRETER_FINISH_BLOCK_R if self.interpret else FINISH_BLOCK_R
@@ -398,7 +405,7 @@ class _TritonChunks:
             part_target,
             self.target[start:end],
             row_scale[start:end] if convert else part_max,
-            tile_max if convert else part_max,
+            tile_ref if convert else part_max,
             out if convert else part_max,
             lse[start:end],
             loss_rows[start:end],
@@ -524,16 +531,16 @@ def _triton_forward(x, weight, bias, target, ignore_index, reduction, compute_gr
         if in_forward:
             row_scale = _row_weights(target, ignore_index, reduction, _folds_mean(x.dtype))
             grad_buffer = x.new_empty(chunk, v)
-            tile_max_buffer = x.new_empty(chunk, runner.num_tiles, dtype=torch.float32)
+            tile_ref_buffer = x.new_empty(chunk, runner.num_tiles, dtype=torch.float32)
         for start in range(0, m, chunk):
             end = min(start + chunk, m)
             if not in_forward:
                 runner.logits(start, end)
                 runner.finish(start, end, lse, loss_rows, correct, ignore_index)
                 continue
-            grad, tile_max = grad_buffer[: end - start], tile_max_buffer[: end - start]
-            runner.logits(start, end, out=grad, tile_max=tile_max)
-            runner.finish(start, end, lse, loss_rows, correct, ignore_index, grad, tile_max, row_scale)
+            grad, tile_ref = grad_buffer[: end - start], tile_ref_buffer[: end - start]
+            runner.logits(start, end, out=grad, tile_ref=tile_ref)
+            runner.finish(start, end, lse, loss_rows, correct, ignore_index, grad, tile_ref, row_scale)
             runner.accumulate_grads(
                 start,
                 end,
