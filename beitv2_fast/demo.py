@@ -33,9 +33,12 @@ from .viz import draw_token_maps, plot_codebook_usage, plot_curves
 
 IMAGE_SIZE = 112  # 7 x 7 patches of 16 px
 NUM_MASK = 19  # 39% of the patches, BEiT v2's 75 of 196
+# A short run needs help against codebook collapse: a faster EMA (0.9 instead of 0.99) and restarts
+# of dead codes (both off in the paper's recipe) and a codebook of 128 codes.
 TOKENIZER = dict(
-    model="vqkd_encoder_tiny_decoder_1x192x3_hog", model_kwargs={"encoder_config": {"depth": 4}},
-    codebook_size=256, codebook_dim=32,
+    model="vqkd_encoder_tiny_decoder_1x192x3_hog",
+    model_kwargs={"encoder_config": {"depth": 4}, "dead_code_threshold": 1.0},
+    codebook_size=128, codebook_dim=32, ema_decay=0.9,
 )  # fmt: skip
 STUDENT = dict(model="beit_tiny_patch16_224_8k_vocab_cls_pt", model_kwargs={"depth": 6}, early_layers=4, head_layers=1)
 
@@ -48,7 +51,7 @@ def _configs(output_dir: str, seed: int, quick: bool) -> tuple[TrainConfig, Trai
     )  # fmt: skip
     tokenizer = TrainConfig(
         task="tokenizer", model=TOKENIZER["model"], model_kwargs=TOKENIZER["model_kwargs"], teacher="hog",
-        batch_size=32, epochs=3 if quick else 12, warmup_epochs=1, lr=1e-3, min_lr=1e-5, weight_decay=1e-4,
+        ema_decay=TOKENIZER["ema_decay"], batch_size=32, epochs=3 if quick else 12, warmup_epochs=1, lr=5e-4, min_lr=1e-5, weight_decay=1e-4,
         opt_betas=[0.9, 0.99], clip_grad=0.0, min_crop_scale=0.2, output_dir=os.path.join(output_dir, "tokenizer"),
         **common,
     )  # fmt: skip

@@ -210,6 +210,10 @@ def test_ema_stats_bad_input():
         kernels.codebook_ema_stats(z, torch.zeros(5, dtype=torch.int64), 0)
 
 
+# What the JIT sees at D = BLOCK_D: aligned pointers, and sizes and row strides that are multiples of 16.
+ALIGNED = ("Z", "CODEBOOK", "BEST", "BEST_ID", "D", "stride_zm", "stride_cm")
+
+
 def _shipped_specs():
     """Every autotune configuration the pruning keeps, per code dimension, dtype and arch."""
     specs = []

@@ -204,7 +204,7 @@ def _hog_by_loops(image: torch.Tensor, patch: int = 8, cells: int = 2, bins: int
 
 
 def test_hog_teacher_equals_its_definition():
-    teacher = HOGTeacher(patch_size=8)
+    teacher = HOGTeacher(patch_size=8, center=False)
     images = torch.rand(1, 3, 16, 16) * 2 - 1
     images[..., :6, :6] = 0.3  # cell (0, 0) of patch 0 sees no gradient: a zero histogram, no NaN
     target = teacher(images)
@@ -212,6 +212,8 @@ def test_hog_teacher_equals_its_definition():
     expected = _hog_by_loops((images[0] + 1) / 2)
     torch.testing.assert_close(target[0].double(), expected, atol=1e-5, rtol=1e-5)
     assert not target[0, 0].reshape(3, 9, 2, 2)[:, :, 0, 0].any() and torch.isfinite(target).all()
+    centered = HOGTeacher(patch_size=8)(images)  # the default: each patch's mean removed
+    torch.testing.assert_close(centered, target - target.mean(-1, keepdim=True))
 
 
 def _tiny_clip_tower():

@@ -176,7 +176,19 @@ def test_dead_codes_restart_from_batch_vectors_when_asked():
     restarted = quantizer.embedding.weight[dead]
     distance = (restarted[:, None] - samples[None]).abs().amax(-1).min(dim=1).values
     assert distance.max() == 0  # each one is a batch vector
-    assert torch.all(quantizer.cluster_size[dead] == 0.5)
+    assert torch.all(quantizer.embedding.cluster_size[dead] == 0.5)
+
+
+def test_epoch_reset_of_usage_does_not_restart_live_codes():
+    # The usage statistics are zeroed at every epoch start; restarts read their own EMA.
+    weight = F.normalize(torch.randn(4, 8), dim=-1)
+    quantizer = _quantizer(weight, decay=0.5, dead_code_threshold=0.5).train()
+    quantizer.embedding.cluster_size.fill_(10.0)  # every code busy so far
+    quantizer.reset_cluster_size()
+    before = quantizer.embedding.weight.clone()
+    z = weight[[0, 1, 2, 3]].reshape(1, 2, 2, 8).permute(0, 3, 1, 2)  # each code hit once
+    quantizer(z)
+    torch.testing.assert_close(quantizer.embedding.weight, before)  # EMA towards themselves: unchanged
 
 
 def test_bad_input_shape():

@@ -142,7 +142,10 @@ class NormEMAVectorQuantizer(nn.Module):
         kmeans_sync: run the initial k-means on all ranks' samples (off in the reference).
         dead_code_threshold: in training, restart codes whose usage EMA is below this value from
             random vectors of the batch (rank 0's, broadcast) and set their usage to the threshold;
-            0 (the reference) never restarts.
+            0 (the reference) never restarts. The usage EMA read here is
+            ``embedding.cluster_size`` (k-means counts at first, which the reference never
+            updates again), not ``cluster_size``, which is zeroed at every epoch start and would
+            make every code look dead right after.
     """
 
     def __init__(
@@ -203,17 +206,17 @@ class NormEMAVectorQuantizer(nn.Module):
         means = torch.where(unused.unsqueeze(1), weight, means)
         weight.mul_(self.decay).add_(means, alpha=1.0 - self.decay)
         weight.copy_(F.normalize(weight, dim=-1))
-        if self.dead_code_threshold > 0 and self.statistic_code_usage:
+        if self.dead_code_threshold > 0:
+            self.embedding.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
             self._restart_dead_codes(z_flat)
 
     def _restart_dead_codes(self, z_flat: torch.Tensor) -> None:
         # Fixed shapes and no host sync: draw K candidates, keep them only where a code is dead.
-        dead = self.cluster_size < self.dead_code_threshold
+        usage = self.embedding.cluster_size
+        dead = usage < self.dead_code_threshold
         candidates = broadcast_from_rank0(sample_vectors(z_flat.float(), self.num_tokens))
         self.embedding.weight.copy_(torch.where(dead.unsqueeze(1), candidates, self.embedding.weight))
-        self.cluster_size.copy_(
-            torch.where(dead, torch.full_like(self.cluster_size, self.dead_code_threshold), self.cluster_size)
-        )
+        usage.copy_(torch.where(dead, torch.full_like(usage, self.dead_code_threshold), usage))
 
     def forward(self, z: torch.Tensor):
         """Quantize ``z [B, C, H, W]`` (C = code dimension).

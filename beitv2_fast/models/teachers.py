@@ -276,15 +276,23 @@ class HOGTeacher(Teacher):
     magnitude; votes summed over square cells of ``patch_size / cells_per_side`` pixels, each cell's
     histogram l2-normalised. A patch's target concatenates its cells: ``out_dim = 3 * num_bins *
     cells_per_side**2`` (108 for the defaults).
+
+    With ``center`` (the default) each patch's target has its mean over the ``out_dim`` entries
+    subtracted. VQ-KD regresses its teacher with a cosine loss, and raw histograms are
+    non-negative: any two of them have a high cosine, so predicting the average histogram
+    already scores well and a tokenizer learns to collapse onto a few codes. Centred targets
+    only agree where the orientation patterns do. (MaskFeat regresses raw HOG with an l2 loss,
+    where this does not arise.)
     """
 
-    def __init__(self, patch_size: int = 16, cells_per_side: int = 2, num_bins: int = 9):
+    def __init__(self, patch_size: int = 16, cells_per_side: int = 2, num_bins: int = 9, center: bool = True):
         super().__init__()
         if patch_size % cells_per_side:
             raise ValueError(f"patch_size {patch_size} must be a multiple of cells_per_side {cells_per_side}")
         self.patch_size = patch_size
         self.cells_per_side = cells_per_side
         self.num_bins = num_bins
+        self.center = center
         self.out_dim = 3 * num_bins * cells_per_side**2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +320,8 @@ class HOGTeacher(Teacher):
         gh, gw = height // self.patch_size, width // self.patch_size
         cps = self.cells_per_side
         hist = hist.reshape(batch, channels, self.num_bins, gh, cps, gw, cps)
-        return hist.permute(0, 3, 5, 1, 2, 4, 6).reshape(batch, gh * gw, self.out_dim)
+        target = hist.permute(0, 3, 5, 1, 2, 4, 6).reshape(batch, gh * gw, self.out_dim)
+        return target - target.mean(-1, keepdim=True) if self.center else target
 
 
 def build_teacher(kind: str | Teacher | None, checkpoint: str | None = None, **kwargs) -> Teacher | None:
