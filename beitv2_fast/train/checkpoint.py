@@ -26,6 +26,7 @@ import re
 import shutil
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -35,11 +36,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .distributed import Distributed, barrier
+from .distributed import Distributed, all_reduce, barrier
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 INCOMPLETE = ".incomplete"
+DELETING = ".deleting"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, unwritable folder...); raised on every rank.
+    The previous complete checkpoint is left as it was."""
 
 
 def step_dir(root: str, step: int) -> str:
@@ -69,7 +76,7 @@ def latest_checkpoint(root: str) -> str | None:
     """The newest complete checkpoint, reporting (not loading) any incomplete ones."""
     complete, incomplete = list_checkpoints(root)
     for path in incomplete:
-        log.warning("ignoring incomplete checkpoint %s (a save that did not finish)", path)
+        log.warning("ignoring incomplete checkpoint %s (a save or deletion that did not finish)", path)
     return complete[-1][1] if complete else None
 
 
@@ -108,25 +115,61 @@ def save_checkpoint(
     if os.path.isdir(final) and _is_complete(final):
         return final  # already saved (e.g. the last step coincides with an interval)
     staging = final + INCOMPLETE
+    failure = None
     if world.is_main:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # a previous attempt that was killed
-        os.makedirs(staging)
-    barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state, **(extra_tensors or {})}, checkpoint_id=staging)
-    torch.save(_rng_state(), os.path.join(staging, f"rng-rank{world.rank}.pt"))
-    barrier()
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)  # a previous attempt that was killed
+            os.makedirs(staging)
+        except OSError as exc:
+            failure = exc
+    _raise_on_any_rank(failure, step, staging, root, world)
+    try:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        # DCP's save is collective: a write error on one rank is raised on every rank.
+        dcp.save({"model": model_state, "optim": optim_state, **(extra_tensors or {})}, checkpoint_id=staging)
+        torch.save(_rng_state(), os.path.join(staging, f"rng-rank{world.rank}.pt"))
+    except (OSError, dcp.CheckpointException) as exc:
+        failure = exc
+    _raise_on_any_rank(failure, step, staging, root, world)
     if world.is_main:
-        with open(os.path.join(staging, "state.json"), "w") as f:
-            json.dump({"step": step, "world_size": world.world_size, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(staging, final)
-        _fsync_dir(root)
+        try:
+            with open(os.path.join(staging, "state.json"), "w") as f:
+                json.dump({"step": step, "world_size": world.world_size, **state}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(staging, final)
+            _fsync_dir(root)
+        except OSError as exc:
+            failure = exc
+    _raise_on_any_rank(failure, step, staging, root, world)
+    if world.is_main:
         _prune(root, keep)
     barrier()
     return final
+
+
+def _raise_on_any_rank(failure: BaseException | None, step: int, staging: str, root: str, world: Distributed) -> None:
+    """Agree on success; if any rank failed, every rank raises (none waits in a later collective),
+    after rank 0 removed the partial save so that it does not hold the disk space that ran out."""
+    failed = all_reduce(torch.tensor(int(failure is not None), device=world.device), op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    if world.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    complete, _ = list_checkpoints(root)
+    previous = f"the previous checkpoint {complete[-1][1]} is intact" if complete else "there is no earlier checkpoint"
+    reason = _describe(failure) if failure is not None else "it failed on another rank"
+    raise CheckpointSaveError(
+        f"step {step}: could not save the checkpoint in {staging} ({reason}); {previous}. "
+        "Free disk space or fix the output folder, then resume."
+    ) from failure
+
+
+def _describe(failure: BaseException) -> str:
+    if isinstance(failure, dcp.CheckpointException):  # one line per failed rank, not DCP's tracebacks
+        return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in failure.failures.items())
+    return f"{type(failure).__name__}: {failure}"
 
 
 def _fsync_dir(path: str) -> None:
@@ -141,7 +184,10 @@ def _prune(root: str, keep: int) -> None:
     complete, incomplete = list_checkpoints(root)
     for _, path in complete[:-keep]:
         try:
-            shutil.rmtree(path)
+            # Unpublish first: a kill during the deletion must not leave a folder that looks complete.
+            doomed = path + DELETING
+            os.rename(path, doomed)
+            shutil.rmtree(doomed)
         except OSError as exc:  # retention must not kill training
             log.warning("could not delete old checkpoint %s: %s", path, exc)
     for path in incomplete:
