@@ -16,18 +16,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .train.config import ArgumentParser
+
 TRAINING = {"train-tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "finetune", "linprobe": "linprobe"}
 
 
 def run_training(task: str, argv: list[str]) -> dict[str, float]:
     """Parse the flags of one training command and run it on this process's rank."""
-    from .train.config import config_from_args
+    from .train.config import check_output_dir, config_from_args
     from .train.distributed import init_distributed, shutdown
     from .train.loop import seed_everything, train
     from .train.metrics import setup_logging
 
     command = next(name for name, t in TRAINING.items() if t == task)
     config = config_from_args(argv, task=task, prog=f"beitv2 {command}")
+    check_output_dir(config.output_dir)
     world = init_distributed()
     setup_logging(world)
     seed_everything(config.seed, world.rank)
@@ -45,7 +48,7 @@ def run_training(task: str, argv: list[str]) -> dict[str, float]:
 
 def tokenize(argv: list[str]) -> int:
     """Images in, token ids (JSON) and a picture of the token maps out."""
-    parser = argparse.ArgumentParser(prog="beitv2 tokenize", description=tokenize.__doc__, allow_abbrev=False)
+    parser = ArgumentParser(prog="beitv2 tokenize", description=tokenize.__doc__, allow_abbrev=False)
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--tokenizer-model", default="vqkd_encoder_base_decoder_3x768x12_clip")
     parser.add_argument("--tokenizer-weight", required=True, help="local VQ-KD checkpoint")
@@ -62,18 +65,18 @@ def tokenize(argv: list[str]) -> int:
     import torch
 
     from .data import EvalTransform, decode_image
-    from .models import create_model
     from .train.config import _parse_key_values
+    from .train.pretrain import load_tokenizer
     from .viz import draw_token_maps
 
     try:
         extra = _parse_key_values(args.tokenizer_kwargs, "--tokenizer-kwargs")
     except ValueError as exc:
         parser.error(str(exc))
-    tokenizer = create_model(
-        args.tokenizer_model, pretrained=True, pretrained_weight=args.tokenizer_weight, as_tokenzer=True,
-        img_size=args.input_size, n_code=args.codebook_size, code_dim=args.codebook_dim, **extra,
-    ).eval()  # fmt: skip
+    tokenizer = load_tokenizer(
+        args.tokenizer_model, args.tokenizer_weight, img_size=args.input_size, codebook_size=args.codebook_size,
+        codebook_dim=args.codebook_dim, **extra,
+    )  # fmt: skip
     transform = EvalTransform(args.input_size, mean=None, std=None)
     images = torch.stack([transform(decode_image(path)) for path in args.images])
     with torch.no_grad():
@@ -90,7 +93,7 @@ def tokenize(argv: list[str]) -> int:
 
 def convert(argv: list[str]) -> int:
     """Convert a checkpoint between the official, timm, MMPretrain and safetensors layouts."""
-    parser = argparse.ArgumentParser(prog="beitv2 convert", description=convert.__doc__, allow_abbrev=False)
+    parser = ArgumentParser(prog="beitv2 convert", description=convert.__doc__, allow_abbrev=False)
     parser.add_argument("source", help="checkpoint file (official .pth, timm, MMPretrain, ours, .safetensors)")
     parser.add_argument("destination", help="output file")
     parser.add_argument("--model", required=True, help="model name the checkpoint belongs to (checked strictly)")
@@ -126,7 +129,7 @@ def convert(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="beitv2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument(
@@ -138,6 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     command, rest = parser.parse_args(argv[:1]).command, argv[1:]
+    try:
+        return _run_command(command, rest)
+    except _user_errors() as exc:  # a wrong option or file: say which, without a traceback
+        print(f"beitv2 {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .models.convert import CheckpointMismatchError, CheckpointReadError
+    from .train.config import ConfigError
+
+    return ConfigError, CheckpointReadError, CheckpointMismatchError
+
+
+def _run_command(command: str, rest: list[str]) -> int:
     if command == "env":
         from kernels.env import report
 

@@ -19,6 +19,7 @@ Nothing is downloaded: a URL is refused with a message saying so.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 import zipfile
@@ -42,6 +43,14 @@ class CheckpointMismatchError(ValueError):
             if keys:
                 lines.append(f"  {len(keys)} {title} key(s): " + ", ".join(keys))
         super().__init__("\n".join(lines))
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file that cannot be read: missing, a URL, truncated, damaged or not a checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointReadError, pickle.UnpicklingError):
+    """A pickle that would import or call Python objects (which can run code), refused unread."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,25 +89,42 @@ def load_state_dict_file(path: str | os.PathLike, *, unwrap: bool = True, map_lo
     state dict is taken out of ``model``/``module``/``state_dict`` wrappers.
 
     Raises:
-        ValueError: ``path`` is a URL (weights are never downloaded) or does not exist.
+        UnsafeCheckpointError: a pickle that would import or call anything but tensors and plain
+            containers; nothing in it is executed, and there is no fallback to a full unpickler.
+        CheckpointReadError: ``path`` is a URL (weights are never downloaded), does not exist, or
+            is truncated, damaged or not a checkpoint.
     """
     path = os.fspath(path)
     if re.match(r"^[a-z][a-z0-9+.-]*://", path):
-        raise ValueError(
+        raise CheckpointReadError(
             f"{path!r} is a URL: beitv2-fast never downloads weights; download the file yourself and pass its path"
         )
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint file {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        raise CheckpointReadError(f"checkpoint file {path!r} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        obj = load_file(path, device=str(map_location))
-    elif _is_torchscript_archive(path):
-        with warnings.catch_warnings():  # torch >= 2.12 marks torch.jit deprecated; OpenAI's CLIP still is one
-            warnings.simplefilter("ignore", FutureWarning)
-            obj = dict(torch.jit.load(path, map_location=map_location).state_dict())
-    else:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = load_file(path, device=str(map_location))
+        elif _is_torchscript_archive(path):
+            with warnings.catch_warnings():  # torch >= 2.12 marks torch.jit deprecated; OpenAI's CLIP still is one
+                warnings.simplefilter("ignore", FutureWarning)
+                obj = dict(torch.jit.load(path, map_location=map_location).state_dict())
+        else:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # only the file is read here: whatever fails, the file is the cause
+        names = re.findall(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else []
+        if names:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path!r}: it is a pickle that would import {', '.join(dict.fromkeys(names))}, "
+                "which can run code; only tensors, numbers, strings and containers are read "
+                "(torch.load(weights_only=True)). If you trust the file, convert it to safetensors yourself."
+            ) from None
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointReadError(
+            f"cannot read checkpoint {path!r}: it is truncated, damaged or not a checkpoint "
+            f"({type(exc).__name__}: {first_line})"
+        ) from exc
     return unwrap_state_dict(obj) if unwrap else obj
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +23,18 @@ from typing import Any, Literal
 import yaml
 
 Task = Literal["tokenizer", "pretrain", "finetune", "linprobe"]
+
+
+class ConfigError(ValueError):
+    """An option with an impossible value (the message names the option); the CLI prints it as
+    one line and exits with status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but an error is one line (the option and what is wrong), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _f(default: Any, help: str, **kwargs) -> Any:
@@ -104,16 +119,32 @@ class TrainConfig:
     eval_interval: int = _f(1, "epochs between evaluations (fine-tuning and linear probing)")
 
     def validate(self) -> None:
-        """Reject impossible values before any work starts, naming the option."""
+        """Reject impossible values before any work starts, naming the option (:class:`ConfigError`)."""
         checks = [
+            (self.task in typing.get_args(Task), "--task must be tokenizer, pretrain, finetune or linprobe"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
             (self.epochs >= 1 or self.max_steps >= 1, "--epochs or --max-steps must be at least 1"),
+            (self.epochs >= 0 and self.max_steps >= 0, "--epochs and --max-steps cannot be negative"),
             (self.keep_checkpoints >= 2, "--keep-checkpoints must be at least 2 (the newest may still be in flight)"),
             (self.checkpoint_interval >= 1, "--checkpoint-interval must be at least 1"),
             (self.log_interval >= 1, "--log-interval must be at least 1"),
+            (self.eval_interval >= 1, "--eval-interval must be at least 1"),
+            (self.num_workers >= 0, "--num-workers cannot be negative"),
+            (self.input_size >= 1, "--input-size must be at least 1"),
+            (self.second_input_size >= 1, "--second-input-size must be at least 1"),
+            (self.codebook_size >= 1, "--codebook-size must be at least 1"),
+            (self.codebook_dim >= 1, "--codebook-dim must be at least 1"),
+            (self.nb_classes >= 1, "--nb-classes must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
             (0 <= self.min_lr <= self.lr, "--min-lr must lie between 0 and --lr"),
+            (self.warmup_epochs >= 0, "--warmup-epochs cannot be negative"),
+            (self.weight_decay >= 0, "--weight-decay cannot be negative"),
+            (self.clip_grad >= 0, "--clip-grad cannot be negative (0 disables clipping)"),
+            (0 <= self.drop_path < 1, "--drop-path must lie in [0, 1)"),
+            (0 <= self.smoothing < 1, "--smoothing must lie in [0, 1)"),
+            (0 <= self.reprob <= 1, "--reprob must lie in [0, 1]"),
+            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix cannot be negative"),
             (self.amp_dtype in ("bfloat16", "float16", "float32"), "--amp-dtype must be bfloat16, float16 or float32"),
             (self.parallel in ("auto", "fsdp", "ddp", "none"), "--parallel must be auto, fsdp, ddp or none"),
             (self.nonfinite in ("stop", "skip"), "--nonfinite must be stop or skip"),
@@ -126,7 +157,63 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
+        self._validate_task()
+        self._validate_paths()
+
+    def _validate_task(self) -> None:
+        if self.task == "pretrain":
+            if not self.tokenizer_weight:
+                raise ConfigError(
+                    "--tokenizer-weight is required: a local VQ-KD checkpoint (official vqkd_*.pth, or "
+                    "model.safetensors from `beitv2 train-tokenizer`); a random tokenizer gives meaningless targets"
+                )
+            patch = self.model_kwargs.get("patch_size") or _patch_size_in_name(self.model)
+            if patch:
+                if self.input_size % patch:
+                    raise ConfigError(f"--input-size {self.input_size} is not a multiple of the patch size {patch}")
+                patches = (self.input_size // patch) ** 2
+                if self.num_mask_patches > patches:
+                    raise ConfigError(
+                        f"--num-mask-patches {self.num_mask_patches} exceeds the {patches} patches of a "
+                        f"{self.input_size}px image with {patch}px patches"
+                    )
+        if self.task == "tokenizer" and self.teacher in ("clip", "dino") and not self.teacher_weight:
+            raise ConfigError(
+                f"--teacher {self.teacher} needs --teacher-weight: a local checkpoint (never downloaded); "
+                "--teacher hog needs none"
+            )
+        if self.task == "linprobe" and not self.finetune:
+            raise ConfigError("--finetune is required for linear probing: the pretrained checkpoint to probe")
+
+    def _validate_paths(self) -> None:
+        files = {"--tokenizer-weight": self.tokenizer_weight, "--teacher-weight": self.teacher_weight,
+                 "--finetune": self.finetune}  # fmt: skip
+        for option, path in files.items():
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{option} {path!r}: no such file (weights are never downloaded)")
+        folders = {"--data-dir": self.data_dir, "--eval-data-dir": self.eval_data_dir}
+        for option, path in folders.items():
+            if path and path != "demo" and not os.path.isdir(path):
+                raise ConfigError(f"{option} {path!r}: no such folder")
+        if self.resume not in ("auto", "none", "") and not os.path.isdir(self.resume):
+            raise ConfigError(f"--resume {self.resume!r}: no such checkpoint folder (or use auto / none)")
+
+
+def _patch_size_in_name(model: str) -> int | None:
+    """The patch size that a registered name spells (``beit_base_patch16_224`` -> 16), if any."""
+    match = re.search(r"patch(\d+)", model)
+    return int(match.group(1)) if match else None
+
+
+def check_output_dir(path: str) -> None:
+    """Create ``--output-dir`` and check that a file can be written in it, before any work starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--output-dir {path!r} is not writable: {exc.strerror or exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +301,7 @@ def build_parser(prog: str = "beitv2") -> argparse.ArgumentParser:
 
     Flags default to ``None`` so that only what the user typed overrides the recipe and file.
     """
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, argument_default=None)
+    parser = ArgumentParser(prog=prog, allow_abbrev=False, argument_default=None)
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="named settings from the paper")
     parser.add_argument("-c", "--config", help="YAML file of field: value overrides (applied after the recipe)")
     hints = typing.get_type_hints(TrainConfig)
@@ -235,6 +322,20 @@ def build_parser(prog: str = "beitv2") -> argparse.ArgumentParser:
     return parser
 
 
+def _has_field_type(name: str, value: Any) -> bool:
+    """Whether a value read from a YAML file fits the field (ints are accepted for floats)."""
+    kind = typing.get_type_hints(TrainConfig)[name]
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int or kind == int | None:
+        return (isinstance(value, int) and not isinstance(value, bool)) or (kind is not int and value is None)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind in (list, dict):
+        return isinstance(value, kind)
+    return isinstance(value, str)
+
+
 def _optional_int(value: str) -> int | None:
     return None if value.lower() in ("none", "") else int(value)
 
@@ -247,11 +348,19 @@ def config_from_args(argv: list[str] | None = None, *, task: str | None = None, 
     if args.recipe:
         values.update(RECIPES[args.recipe])
     if args.config:
-        with open(args.config) as f:
-            from_file = yaml.safe_load(f) or {}
+        try:
+            with open(args.config) as f:
+                from_file = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            parser.error(f"--config {args.config}: {exc}")
+        if not isinstance(from_file, dict):
+            parser.error(f"--config {args.config}: expected field: value pairs")
         unknown = set(from_file) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
             parser.error(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
+        for name, value in from_file.items():
+            if not _has_field_type(name, value):
+                parser.error(f"{name} in {args.config}: {value!r} is not a {typing.get_type_hints(TrainConfig)[name]}")
         values.update(from_file)
     for f in dataclasses.fields(TrainConfig):
         given = getattr(args, f.name)
@@ -263,7 +372,10 @@ def config_from_args(argv: list[str] | None = None, *, task: str | None = None, 
             except ValueError as exc:
                 parser.error(str(exc))
         elif f.name == "opt_betas":
-            given = [float(v) for v in given]
+            try:
+                given = [float(v) for v in given]
+            except ValueError:
+                parser.error(f"--opt-betas expects two numbers; got {' '.join(given)}")
         values[f.name] = given
     if task is not None:
         if values.get("task", task) != task:
@@ -272,7 +384,7 @@ def config_from_args(argv: list[str] | None = None, *, task: str | None = None, 
     config = TrainConfig(**values)
     try:
         config.validate()
-    except ValueError as exc:
+    except ConfigError as exc:
         parser.error(str(exc))
     return config
 

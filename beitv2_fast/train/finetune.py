@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..data import EvalTransform, FinetuneTransform, MixupCutmix, build_dataset, build_loader
 from ..models import LinearProbe, create_model, get_parameter_groups, load_for_finetuning
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import Distributed, all_reduce
 from .loop import Task, TrainData
 from .metrics import vit_forward_flops
@@ -37,19 +37,18 @@ def build_classifier(config: TrainConfig) -> torch.nn.Module:
     if config.finetune:
         missing, unexpected = load_for_finetuning(model, config.finetune)
         log.info("loaded %s: missing %s, unused %s", config.finetune, missing, unexpected)
-    elif linprobe:
-        raise ValueError("--finetune is required for linear probing: the pretrained checkpoint to probe")
     if linprobe:
         model = LinearProbe(model, config.nb_classes, block=config.linprobe_block, pool=config.linprobe_pool)
     return model
 
 
 def build_finetune_task(config: TrainConfig, world: Distributed) -> Task:
+    config.validate()
     model = build_classifier(config)
     dataset = build_dataset(config.data_dir or "demo", "train")
     config_classes = getattr(dataset, "num_classes", config.nb_classes)
     if config_classes != config.nb_classes:
-        raise ValueError(f"--nb-classes {config.nb_classes} differs from the {config_classes} classes in the data")
+        raise ConfigError(f"--nb-classes {config.nb_classes} differs from the {config_classes} classes in the data")
     on_gpu = world.device.type == "cuda"
     if config.task == "linprobe":
         transform = FinetuneTransform(config.input_size, auto_augment=None, reprob=0.0, uint8_output=on_gpu)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, save_config
+from .config import ConfigError, TrainConfig, check_output_dir, save_config
 from .distributed import Distributed, all_reduce, choose_parallel, parallelize, unwrap
 from .metrics import MetricLogger, log
 
@@ -138,6 +138,7 @@ def build_optimizer(groups: list[dict], config: TrainConfig, device: torch.devic
 
 def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, float]:
     """Run ``task`` to the end (or ``max_steps``); return the last logged metrics."""
+    check_output_dir(config.output_dir)
     device = world.device
     amp_dtype = AMP_DTYPES[config.amp_dtype]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
@@ -159,7 +160,7 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
 
     steps_per_epoch = task.data.batches_per_epoch // config.grad_accum_steps
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"--batch-size {config.batch_size} x --grad-accum-steps {config.grad_accum_steps} leaves no full step "
             f"in an epoch of {task.data.batches_per_epoch} batches per rank; use a smaller batch or more data"
         )

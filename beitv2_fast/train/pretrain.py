@@ -6,25 +6,44 @@ from __future__ import annotations
 import torch
 
 from ..data import MaskingGenerator, PretrainTransform, build_dataset, build_loader
-from ..models import create_model, get_parameter_groups
-from .config import TrainConfig
+from ..models import create_model, get_parameter_groups, load_checkpoint, load_state_dict_file
+from .config import ConfigError, TrainConfig
 from .distributed import Distributed
 from .loop import Task, TrainData
 from .metrics import vit_forward_flops
 
 
+def load_tokenizer(
+    name: str, weight: str, *, img_size: int, codebook_size: int, codebook_dim: int, **kwargs
+) -> torch.nn.Module:
+    """A frozen VQ-KD tokenizer from a local checkpoint (as the reference's ``as_tokenzer=True``).
+
+    The checkpoint's codebook is compared with ``--codebook-size`` / ``--codebook-dim`` before the
+    model is built, so a mismatch is reported as the option it is.
+    """
+    state_dict = load_state_dict_file(weight)
+    codes = state_dict.get("quantize.embedding.weight")
+    if codes is not None and codes.dim() == 2:
+        for option, given, saved in (("--codebook-size", codebook_size, codes.shape[0]),
+                                     ("--codebook-dim", codebook_dim, codes.shape[1])):  # fmt: skip
+            if given != saved:
+                raise ConfigError(
+                    f"{option} {given} does not match the tokenizer checkpoint {weight!r}, whose codebook holds "
+                    f"{codes.shape[0]} codes of dimension {codes.shape[1]}"
+                )
+    tokenizer = create_model(
+        name, as_tokenzer=True, img_size=img_size, n_code=codebook_size, code_dim=codebook_dim, **kwargs
+    )
+    load_checkpoint(tokenizer, state_dict, strict=True)
+    return tokenizer.eval()
+
+
 def build_tokenizer(config: TrainConfig) -> torch.nn.Module:
-    """The frozen tokenizer from a local checkpoint (as the reference's ``as_tokenzer=True``)."""
-    if not config.tokenizer_weight:
-        raise ValueError(
-            "--tokenizer-weight is required: a local VQ-KD checkpoint (official vqkd_*.pth, or model.safetensors "
-            "from `beitv2 train-tokenizer`); a random tokenizer gives meaningless targets"
-        )
-    return create_model(
-        config.tokenizer_model, pretrained=True, pretrained_weight=config.tokenizer_weight, as_tokenzer=True,
-        img_size=config.second_input_size, n_code=config.codebook_size, code_dim=config.codebook_dim,
-        **config.tokenizer_kwargs,
-    ).eval()  # fmt: skip
+    """The frozen tokenizer of a pretraining run (``--tokenizer-model``, ``--tokenizer-weight``)."""
+    return load_tokenizer(
+        config.tokenizer_model, config.tokenizer_weight, img_size=config.second_input_size,
+        codebook_size=config.codebook_size, codebook_dim=config.codebook_dim, **config.tokenizer_kwargs,
+    )  # fmt: skip
 
 
 def pretrain_flops_per_image(student, tokenizer, num_mask_patches: int) -> float:
@@ -44,6 +63,7 @@ def pretrain_flops_per_image(student, tokenizer, num_mask_patches: int) -> float
 
 
 def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
+    config.validate()
     tokenizer = build_tokenizer(config)
     student = create_model(
         config.model, img_size=config.input_size, vocab_size=config.codebook_size, drop_path_rate=config.drop_path,
@@ -52,7 +72,7 @@ def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
     )  # fmt: skip
     grid = student.patch_embed.grid_size
     if config.num_mask_patches > grid[0] * grid[1]:
-        raise ValueError(
+        raise ConfigError(
             f"--num-mask-patches {config.num_mask_patches} exceeds the {grid[0] * grid[1]} patches of a "
             f"{config.input_size}px image"
         )

@@ -23,12 +23,9 @@ def tokenizer_flops_per_image(tokenizer, teacher: str) -> float:
 
 
 def build_tokenizer_task(config: TrainConfig, world: Distributed) -> Task:
+    config.validate()
     teacher_kwargs = {"teacher": config.teacher}
     if config.teacher in ("clip", "dino"):
-        if not config.teacher_weight:
-            raise ValueError(
-                f"--teacher {config.teacher} needs --teacher-weight: a local checkpoint (never downloaded)"
-            )
         teacher_kwargs["teacher_checkpoint"] = config.teacher_weight
     tokenizer = create_model(
         config.model, img_size=config.input_size, n_code=config.codebook_size, code_dim=config.codebook_dim,
