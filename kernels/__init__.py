@@ -22,12 +22,13 @@ from ._dispatch import BACKENDS, get_backend, set_backend
 from .attention import relative_position_index, relpos_attention, relpos_bias
 from .codebook import codebook_ema_stats, codebook_lookup
 from .masked_ce import masked_linear_cross_entropy
+from .patch import patch_timm_beit
 
 # Marks this package as beitv2-fast's, for the import guard in beitv2_fast/__init__.py.
 __beitv2_kernels__ = True
 
 # (op name, whether csrc/ has a C++ version): what `python -m kernels.env` reports on.
-OPS = [("codebook_lookup", True), ("masked_linear_cross_entropy", False)]
+OPS = [("codebook_lookup", True), ("masked_linear_cross_entropy", False), ("relpos_attention", True)]
 
 __all__ = [
     "BACKENDS",
@@ -35,6 +36,7 @@ __all__ = [
     "codebook_lookup",
     "get_backend",
     "masked_linear_cross_entropy",
+    "patch_timm_beit",
     "reference",
     "relative_position_index",
     "relpos_attention",
