@@ -111,7 +111,9 @@ def convert(argv: list[str]) -> int:
         extra = _parse_key_values(args.model_kwargs, "--model-kwargs")
     except ValueError as exc:
         parser.error(str(exc))
-    model = create_model(args.model, pretrained=True, pretrained_weight=args.source, **extra)
+    state_dict = conversions.load_state_dict_file(args.source)  # refuse a bad file before building anything
+    model = create_model(args.model, **extra)
+    conversions.load_checkpoint(model, state_dict, strict=True)
     if args.to == "safetensors":
         conversions.export_safetensors(model, args.destination)
     else:
