@@ -242,29 +242,29 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
         # One flag for every rank: stop (or skip) together, before any update, never hang.
         finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | (scaler is not None))
         finite = all_reduce(finite.to(torch.int32), op=torch.distributed.ReduceOp.MIN)
-        if not bool(finite.item()):
-            if config.nonfinite == "stop":
-                raise NonFiniteError(
-                    f"step {step}: non-finite loss ({loss_sum.item():.4g}) or gradient norm ({grad_norm.item():.4g}) "
-                    "on at least one rank; stopping every rank before the update. The last checkpoint is intact; "
-                    "use --nonfinite skip to skip such steps instead."
-                )
+        if bool(finite.item()):
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            logger.update(
+                {"loss": loss_sum / config.grad_accum_steps, "grad_norm": grad_norm, **metric_sums}, data_seconds
+            )
+        elif config.nonfinite == "stop":
+            raise NonFiniteError(
+                f"step {step}: non-finite loss or gradient norm on at least one rank (rank {world.rank}: loss "
+                f"{loss_sum.item():.4g}, gradient norm {grad_norm.item():.4g}); stopping every rank before the update. "
+                "The last checkpoint is intact; use --nonfinite skip to skip such steps instead."
+            )
+        else:  # skipped, but the step still counts: checkpoints, logs and evaluations stay on schedule
             log.warning("step %d: non-finite loss or gradient norm; skipping the update", step)
-            optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.update()
-            step += 1
-            continue
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        logger.update({"loss": loss_sum / config.grad_accum_steps, "grad_norm": grad_norm, **metric_sums}, data_seconds)
-        if step % config.log_interval == 0 or step == total_steps:
+        if (step % config.log_interval == 0 or step == total_steps) and logger.steps:
             extra_values = {"lr": lr}
             if task.on_log is not None:
                 extra_values.update(task.on_log(unwrap(model)))

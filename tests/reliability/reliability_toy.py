@@ -22,8 +22,9 @@ Faults (all optional):
   written, not yet published) or ``"in_prune"`` (while deleting an old checkpoint, after its
   first file is gone).
 
-On an exception the worker writes its model weights to ``OUTPUT_DIR/final-rank{rank}.pt`` (to
-check that nothing was updated after a stop) and re-raises.
+When it ends, by an exception too, the worker writes its model weights to
+``OUTPUT_DIR/final-rank{rank}.pt`` (to check that nothing was updated after a stop, and that
+the ranks agree). :func:`launch_ranks` starts the ranks of one run as separate processes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 
@@ -196,11 +199,36 @@ def main(argv: list[str]) -> None:
     task = toy_task(world, faults)
     try:
         train(toy_config(output_dir, **spec.get("config", {})), task, world)
-    except BaseException:
-        torch.save(task.model.state_dict(), os.path.join(output_dir, f"final-rank{world.rank}.pt"))
-        raise
     finally:
+        torch.save(task.model.state_dict(), os.path.join(output_dir, f"final-rank{world.rank}.pt"))
         shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(world_size: int, output_dir, spec: dict, *, timeout_s: int = 30) -> list[subprocess.Popen]:
+    """Start the ranks of one run (gloo on the loopback), with collectives that give up after
+    ``timeout_s`` (``BEITV2_DIST_TIMEOUT``); stdout and stderr are pipes (read them with communicate)."""
+    os.makedirs(output_dir, exist_ok=True)
+    port = str(free_port())
+    processes = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, BEITV2_DIST_TIMEOUT=str(timeout_s), OMP_NUM_THREADS="1")  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, WORKER, str(output_dir), json.dumps(spec)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
+    return processes
 
 
 if __name__ == "__main__":
