@@ -621,41 +621,45 @@ def _batch_chunk(q: torch.Tensor, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(1, 4 * h * n * n))
 
 
+def _scores(q, k, bias32, scale):
+    """fp32 logits of one batch chunk (q scaled first: the smaller operand) and the scaled q."""
+    q_scaled = q.float() * scale
+    scores = torch.matmul(q_scaled, k.float().transpose(-2, -1))
+    if bias32 is not None:
+        scores += bias32
+    return scores, q_scaled
+
+
 def _torch_forward(q, k, v, bias, scale, chunk_bytes: int = CPU_CHUNK_BYTES):
-    b = q.shape[0]
     out = _empty_bnhd(q)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     bias32 = None if bias is None else bias.to(q.dtype).float()  # rounded as the fused kernels read it
     step = _batch_chunk(q, chunk_bytes)
-    for start in range(0, b, step):
+    for start in range(0, q.shape[0], step):
         part = slice(start, start + step)
-        scores = torch.matmul(q[part].float(), k[part].float().transpose(-2, -1)) * scale
-        if bias32 is not None:
-            scores += bias32
+        scores, _ = _scores(q[part], k[part], bias32, scale)
         lse[part] = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse[part, ..., None])
+        probs = scores.sub_(lse[part, ..., None]).exp_()  # in place: one N x N buffer per chunk
         out[part] = torch.matmul(probs, v[part].float())
     return out, lse
 
 
 def _torch_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, chunk_bytes=CPU_CHUNK_BYTES):
-    b = q.shape[0]
     dq, dk, dv = _empty_bnhd(q), _empty_bnhd(k), _empty_bnhd(v)
     dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if need_dbias else None
     bias32 = None if bias is None else bias.to(q.dtype).float()
     step = _batch_chunk(q, chunk_bytes)
-    for start in range(0, b, step):
+    for start in range(0, q.shape[0], step):
         part = slice(start, start + step)
-        qf, kf, vf, dof = q[part].float(), k[part].float(), v[part].float(), grad_out[part].float()
-        scores = torch.matmul(qf, kf.transpose(-2, -1)) * scale
-        if bias32 is not None:
-            scores += bias32
-        probs = torch.exp(scores - lse[part, ..., None])
+        kf, vf, dof = k[part].float(), v[part].float(), grad_out[part].float()
+        scores, q_scaled = _scores(q[part], kf, bias32, scale)
+        probs = scores.sub_(lse[part, ..., None]).exp_()
         dv[part] = torch.matmul(probs.transpose(-2, -1), dof)
         dprobs = torch.matmul(dof, vf.transpose(-2, -1))
-        dscores = probs * (dprobs - (probs * dprobs).sum(-1, keepdim=True))
-        dq[part] = torch.matmul(dscores, kf) * scale
-        dk[part] = torch.matmul(dscores.transpose(-2, -1), qf) * scale
+        # dS = P * (dP - rowsum(P * dP)), in place in dP's buffer
+        dscores = dprobs.sub_((probs * dprobs).sum(-1, keepdim=True)).mul_(probs)
+        dq[part] = torch.matmul(dscores, kf).mul_(scale)
+        dk[part] = torch.matmul(dscores.transpose(-2, -1), q_scaled)
         if need_dbias:
             dbias += dscores.sum(0)
     return dq, dk, dv, (dbias.to(bias.dtype) if need_dbias else None)
