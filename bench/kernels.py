@@ -4,6 +4,9 @@
     python bench/kernels.py codebook --m 4096 --dtype fp32
     python bench/kernels.py masked_ce                 # MIM head fwd+bwd: M = 256 x 75, C = 768, V = 8192
     python bench/kernels.py masked_ce --c 1024        # ViT-L
+    python bench/kernels.py attention                 # fwd, bwd, fwd+bwd: B = 256, H = 12, N = 197, Dh = 64
+    python bench/kernels.py attention --batch 128 --heads 16   # ViT-L
+    python bench/kernels.py attention --batch 4       # on the CPU (fp32)
 
 Times are medians with 20th/80th percentiles (``triton.testing.do_bench`` on CUDA,
 ``torch.utils.benchmark`` on the CPU). Peak memory is the extra memory one call needs beyond
@@ -18,6 +21,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import multiprocessing
 import os
 import platform
@@ -183,7 +187,150 @@ def masked_ce_case(args, device: torch.device) -> Case:
     )
 
 
-CASES = {"codebook": codebook_case, "masked_ce": masked_ce_case}
+# --------------------------------------------------------------------------------------------
+# Attention with a relative position bias shared by the batch: forward, backward, both
+# --------------------------------------------------------------------------------------------
+def _sdpa_with_backend(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def attend(q, k, v, bias):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias[None])
+
+    return attend
+
+
+def _flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention)
+
+    def attend(q, k, v, bias):
+        return compiled(q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: score + bias[h, q_idx, kv_idx])
+
+    return attend
+
+
+def _xformers_attention():
+    import xformers.ops as xops
+
+    def attend(q, k, v, bias):
+        # xformers wants [B, N, H, Dh], a full [B, H, N, N] bias when it needs its gradient (no
+        # broadcast) and rows aligned to 8 elements: the copies a user of it would make.
+        b, h, n, _ = q.shape
+        padded = F.pad(bias, (0, -n % 8)).expand(b, -1, -1, -1).contiguous()[..., :n]
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), padded)
+        return out.transpose(1, 2)
+
+    return attend
+
+
+def _attention_passes(attend, q, k, v, bias) -> dict[str, Callable[[], object]]:
+    """Forward (recording for the backward, as in training), backward alone (of one retained
+    forward) and forward + backward of ``attend``; gradients are dropped after each call."""
+    leaves = [t for t in (q, k, v, bias) if t is not None]
+    grad_out = torch.randn_like(q)
+    retained = []
+
+    def drop_grads():
+        for leaf in leaves:
+            leaf.grad = None
+
+    def forward():
+        return attend(q, k, v, bias)
+
+    def backward():
+        if not retained:
+            retained.append(attend(q, k, v, bias))
+        retained[0].backward(grad_out, retain_graph=True)
+        drop_grads()
+
+    def forward_backward():
+        attend(q, k, v, bias).backward(grad_out)
+        drop_grads()
+
+    return {"fwd": forward, "bwd": backward, "fwd+bwd": forward_backward}
+
+
+def attention_case(args, device: torch.device) -> list[Case]:
+    dtype = DTYPES[args.dtype]
+    b, h, n, d = args.batch, args.heads, args.seq, args.head_dim
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(h, n, n, device=device, dtype=dtype).requires_grad_()
+
+    def ours(backend: str, deterministic: bool = False):
+        def attend(*inputs):
+            with kernels.set_backend(backend):
+                return kernels.relpos_attention(*inputs, deterministic=deterministic)
+
+        return attend
+
+    def sdpa_float_mask(qq, kk, vv, bb):  # what timm's Beit does
+        return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=bb[None])
+
+    def sdpa_no_bias(qq, kk, vv, bb):
+        return F.scaled_dot_product_attention(qq, kk, vv)
+
+    # name -> (a function making the attention function, whether it takes the bias). A provider
+    # that fails here (not installed, backend refused) is reported and left out.
+    candidates = {
+        "eager (unilm)": (lambda: reference.relpos_attention, True),
+        "SDPA float mask": (lambda: sdpa_float_mask, True),
+    }
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+            candidates[f"SDPA float mask [{backend.name.lower()}]"] = (
+                functools.partial(_sdpa_with_backend, backend),
+                True,
+            )
+        candidates["FlexAttention score_mod (compiled)"] = (_flex_attention, True)
+        candidates["xformers (bias expanded)"] = (_xformers_attention, True)
+        flash = functools.partial(_sdpa_with_backend, SDPBackend.FLASH_ATTENTION)
+        candidates["SDPA flash, no bias (ceiling)"] = (flash, False)
+        candidates["ours[triton]"] = (lambda: ours("triton"), True)
+        candidates["ours[triton, deterministic]"] = (lambda: ours("triton", deterministic=True), True)
+        if _dispatch.CUDA_EXTENSION_AVAILABLE:
+            candidates["ours[cuda]"] = (lambda: ours("cuda"), True)
+    else:
+        candidates["SDPA, no bias (ceiling)"] = (lambda: sdpa_no_bias, False)
+    candidates["ours[torch]"] = (lambda: ours("torch"), True)
+
+    providers = {name: {} for name in ("fwd", "bwd", "fwd+bwd")}
+    for name, (make, takes_bias) in candidates.items():
+        try:
+            passes = _attention_passes(make(), q, k, v, bias if takes_bias else None)
+            passes["fwd+bwd"]()  # compiles, and proves the provider runs here
+        except Exception as exc:  # noqa: BLE001 - an unavailable baseline is reported, not fatal
+            print(f"attention: skipping {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            continue
+        for pass_name, fn in passes.items():
+            providers[pass_name][name] = fn
+
+    element = torch.finfo(dtype).bits // 8
+    head_bytes = b * h * n * d * element
+    bias_bytes = h * n * n * element
+    forward_bytes = 4 * head_bytes + bias_bytes + b * h * n * 4  # q, k, v, bias in; out, LSE out
+    backward_bytes = 8 * head_bytes + 2 * bias_bytes + b * h * n * 8  # q, k, v, out, dO, bias in; grads out
+    flops = 4 * b * h * n * n * d  # the two forward products; the backward has five (2.5x)
+    work = {"fwd": (forward_bytes, flops), "bwd": (backward_bytes, 5 * flops // 2)}
+    work["fwd+bwd"] = (forward_bytes + backward_bytes, 7 * flops // 2)
+    return [
+        Case(
+            op="attention",
+            shape=f"B={b} H={h} N={n} Dh={d} {pass_name}",
+            dtype=args.dtype,
+            providers=providers[pass_name],
+            bytes_moved=work[pass_name][0],
+            flops=work[pass_name][1],
+            baseline="SDPA float mask",
+        )
+        for pass_name in providers
+    ]
+
+
+CASES = {"codebook": codebook_case, "masked_ce": masked_ce_case, "attention": attention_case}
 # Rows when --m is not given: codebook, the tokens of 256 images; masked_ce, their 75 masked patches each.
 DEFAULT_ROWS = {"codebook": 256 * 196, "masked_ce": 256 * 75}
 
@@ -213,9 +360,15 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _cpu_peak_child(op: str, args: argparse.Namespace, provider: str, queue) -> None:
+def make_cases(op: str, args: argparse.Namespace, device: torch.device) -> list[Case]:
+    """The cases of ``op``: one, or one per pass (attention: fwd, bwd, fwd+bwd)."""
+    cases = CASES[op](args, device)
+    return cases if isinstance(cases, list) else [cases]
+
+
+def _cpu_peak_child(op: str, args: argparse.Namespace, case_index: int, provider: str, queue) -> None:
     torch.manual_seed(0)
-    fn = CASES[op](args, torch.device("cpu")).providers[provider]
+    fn = make_cases(op, args, torch.device("cpu"))[case_index].providers[provider]
     fn()  # one-time library start-up (thread pools, BLAS buffers) is not the op's memory
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset the peak resident set to the current one
@@ -225,7 +378,12 @@ def _cpu_peak_child(op: str, args: argparse.Namespace, provider: str, queue) -> 
 
 
 def peak_extra_mib(
-    op: str, args: argparse.Namespace, provider: str, fn: Callable[[], object], device: torch.device
+    op: str,
+    args: argparse.Namespace,
+    provider: str,
+    fn: Callable[[], object],
+    device: torch.device,
+    case_index: int = 0,
 ) -> float:
     """Memory one call needs beyond its inputs, in MiB."""
     if device.type == "cuda":
@@ -237,7 +395,7 @@ def peak_extra_mib(
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     context = multiprocessing.get_context("spawn")  # a fresh process: nothing cached from other providers
     queue = context.Queue()
-    child = context.Process(target=_cpu_peak_child, args=(op, args, provider, queue))
+    child = context.Process(target=_cpu_peak_child, args=(op, args, case_index, provider, queue))
     # Large blocks through mmap, so that freed memory leaves the resident set and each
     # allocation of the measured call shows in the peak.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -275,12 +433,12 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
-def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list[dict]:
+def run_case(case: Case, args: argparse.Namespace, device: torch.device, case_index: int = 0) -> list[dict]:
     env = environment(device)
     rows = []
     for provider, fn in case.providers.items():
         median, p20, p80 = time_ms(fn, device)
-        peak = peak_extra_mib(case.op, args, provider, fn, device)
+        peak = peak_extra_mib(case.op, args, provider, fn, device, case_index)
         rows.append(
             {
                 **env,
@@ -347,16 +505,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d", type=int, default=32, help="code dimension")
     parser.add_argument("--c", type=int, default=768, help="masked_ce: features (ViT-B 768, ViT-L 1024)")
     parser.add_argument("--v", type=int, default=8192, help="masked_ce: classes (the tokenizer's codes)")
+    parser.add_argument("--batch", type=int, default=256, help="attention: batch (ViT-B pretraining 256, ViT-L 128)")
+    parser.add_argument("--heads", type=int, default=12, help="attention: heads (ViT-B 12, ViT-L 16)")
+    parser.add_argument("--seq", type=int, default=197, help="attention: tokens (224 px: 197, 384 px: 577)")
+    parser.add_argument("--head-dim", type=int, default=64, help="attention: head dimension")
     parser.add_argument("--no-csv", action="store_true", help="print only; do not append to bench/results/kernels.csv")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.m = DEFAULT_ROWS.get(args.op, 256 * 196) if args.m is None else args.m
     torch.manual_seed(0)
-    rows = run_case(CASES[args.op](args, device), args, device)
-    print_table(rows)
-    if not args.no_csv:
-        append_csv(rows)
+    for index, case in enumerate(make_cases(args.op, args, device)):
+        rows = run_case(case, args, device, index)
+        print_table(rows)
+        if not args.no_csv:
+            append_csv(rows)
     return 0
 
 
