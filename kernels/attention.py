@@ -32,6 +32,7 @@ memory stays bounded); on CUDA a call without a bias goes to PyTorch's scaled_do
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,9 @@ MAX_HEAD_DIM = 128
 # dbias over the batch; longer ones use the separate dbias kernel.
 FUSED_DBIAS_MAX_N = 256
 CPU_CHUNK_BYTES = 32 << 20  # the PyTorch kernel's score chunk: bounded, still matmul-sized
+# The first call of each shape benchmarks every candidate tile (seconds); with
+# BEITV2_ATTENTION_AUTOTUNE=0 the first candidate runs at once (many shapes, quick test runs).
+AUTOTUNE = os.environ.get("BEITV2_ATTENTION_AUTOTUNE", "1") != "0"
 HAS_CUDA_IMPL = True  # csrc/attention.cu has the forward and the backward
 
 
@@ -432,7 +436,8 @@ if triton is not None:
 
         def prune(configs, named_args, **kwargs):
             fp32 = kwargs["DOT_PRECISION"] == "ieee"
-            return candidates(name, kwargs["BLOCK_D"], fp32, kwargs.get("BLOCK_M"), _device_arch())
+            kept = candidates(name, kwargs["BLOCK_D"], fp32, kwargs.get("BLOCK_M"), _device_arch())
+            return kept if AUTOTUNE else kept[:1]
 
         return triton.autotune(
             configs=every,
