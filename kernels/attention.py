@@ -835,16 +835,17 @@ def relpos_attention(
             attention.
         scale: multiplies ``q k^T``; default ``Dh ** -0.5``.
         deterministic: make the bias gradient bit-identical from run to run (the batch groups'
-            partial sums are added in a fixed order instead of with atomics). dq, dk and dv
-            are always deterministic.
+            partial sums are added in a fixed order instead of with atomics). dq, dk and dv of
+            this op's kernels are deterministic either way.
 
     Returns:
-        ``[B, H, N, Dh]`` in the dtype of ``q``, laid out as ``[B, N, H, Dh]`` in memory so that
-        ``out.transpose(1, 2).reshape(B, N, H * Dh)`` needs no copy. Differentiable with respect
-        to q, k, v and bias.
+        ``[B, H, N, Dh]`` in the dtype of ``q``, differentiable with respect to q, k, v and bias.
+        The kernels here lay it out as ``[B, N, H, Dh]`` in memory, so that
+        ``out.transpose(1, 2).reshape(B, N, H * Dh)`` needs no copy.
 
     On CUDA without a bias (and the ``auto`` backend) this is PyTorch's
-    ``scaled_dot_product_attention``, which picks flash attention or cuDNN.
+    ``scaled_dot_product_attention``, which picks flash attention or cuDNN (with its own rules
+    on determinism).
     """
     _check_inputs(q, k, v, bias, scale, deterministic)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
