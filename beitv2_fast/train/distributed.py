@@ -56,8 +56,23 @@ def init_distributed(timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Distribut
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend=backend, store=_attempt_store(timeout), rank=rank, world_size=world_size, timeout=timeout,
+            device_id=device if backend == "nccl" else None,
+        )  # fmt: skip
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """The ``env://`` store, with keys private to this torchrun attempt.
+
+    Under ``torchrun`` the workers of every restart share the agent's store, and the process
+    group's keys (each rank's address) have the same names in every attempt: a restarted rank
+    could read the address of a process from the attempt before, which is gone, and fail to
+    connect. A prefix per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps the attempts apart.
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"beitv2-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:

@@ -7,14 +7,15 @@ resumed run, and by rank and torchrun attempt:
 
     python tests/reliability/reliability_toy.py OUTPUT_DIR '{"config": {...}, "faults": {...}}'
 
-runs one rank (``torchrun`` or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment).
+runs one rank (``torchrun`` or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment);
+``"dropout"`` in the spec sets the model's dropout (0 to compare with a one-process run).
 Faults (all optional):
 
 - ``nan_loss``: ``[step, rank]``: that rank's loss value is NaN (its gradient stays finite, so
   only the all-reduced finiteness flag can stop the other ranks).
 - ``nan_grad``: ``[step, rank]``: that rank's gradients are NaN (the loss stays finite).
 - ``die``: ``[step, rank]``: that rank SIGKILLs itself during the step, on torchrun's first
-  attempt only (``TORCHELASTIC_RESTART_COUNT``).
+  attempt only (``TORCHELASTIC_RESTART_COUNT``); ``die_always``: on every attempt.
 - ``hang``: ``[step, rank]``: that rank sleeps for an hour during the step.
 - ``step_seconds``: sleep this long in every step (to give random kills something to hit).
 - ``kill_in_save``: ``[step, phase]``: SIGKILL during the save of that step's checkpoint, phase
@@ -98,8 +99,10 @@ def toy_task(world: Distributed, faults: dict | None = None, *, dropout: float =
         x, y, step = batch
         if faults.get("step_seconds"):
             time.sleep(faults["step_seconds"])
-        if first_attempt and _hits(faults.get("die"), step, world.rank):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if (first_attempt and _hits(faults.get("die"), step, world.rank)) or _hits(
+            faults.get("die_always"), step, world.rank
+        ):
+            _kill_self()
         if _hits(faults.get("hang"), step, world.rank):
             time.sleep(3600)
         out = model(x)
@@ -196,7 +199,7 @@ def main(argv: list[str]) -> None:
     from beitv2_fast.train.metrics import setup_logging
 
     setup_logging(world)
-    task = toy_task(world, faults)
+    task = toy_task(world, faults, dropout=spec.get("dropout", 0.1))
     try:
         train(toy_config(output_dir, **spec.get("config", {})), task, world)
     finally:
