@@ -41,13 +41,13 @@ import torch
 
 from .datasets import FlatImageDataset, ImageDataset, ImageFolderDataset, SkippedImage, to_rgb
 from .loader import (
-    _MAX_SKIP_RECORDS,
     _STATE_VERSION,
     BatchKey,
     PretrainBatch,
     ResumableBatchSampler,
     _seed_sequence,
     _SeededDraws,
+    record_skipped,
 )
 from .masking import MaskingGenerator
 from .transforms import PretrainTransform
@@ -328,8 +328,7 @@ class DaliPretrainLoader:
             key, masks, skipped = self._inputs.pending.popleft()
             assert (key.epoch, key.batch) == (self.epoch, self.batches_consumed), "DALI stream out of step"
             if skipped:
-                self.num_skipped += len(skipped)
-                self.skipped = (self.skipped + skipped)[-_MAX_SKIP_RECORDS:]
+                record_skipped(self, skipped)
             batch = PretrainBatch(
                 self._to_torch(student), self._to_torch(tokenizer), masks.to(self.device, non_blocking=True)
             )

@@ -24,6 +24,7 @@ Batches (``NamedTuple``s, on ``device`` when one is given):
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -35,6 +36,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .datasets import SkippedImage
 from .masking import MaskingGenerator
 from .transforms import MixupCutmix, PretrainTransform
+
+log = logging.getLogger("beitv2_fast")
 
 TASKS = ("pretrain", "tokenizer", "classification")
 _STATE_VERSION = 1
@@ -92,6 +95,15 @@ class _SeededDraws:
 
     def __exit__(self, *exc) -> None:
         torch.set_rng_state(self._saved)
+
+
+def record_skipped(loader, skipped: list[SkippedImage]) -> None:
+    """Count replaced files on ``loader`` (``num_skipped``, ``skipped``) and name each in the
+    training log (the worker that found it may not share the main process's log)."""
+    loader.num_skipped += len(skipped)
+    loader.skipped = (loader.skipped + list(skipped))[-_MAX_SKIP_RECORDS:]
+    for record in skipped:
+        log.warning("data: replaced unreadable image %s (%s)", record.path, record.error)
 
 
 class ResumableBatchSampler:
@@ -323,8 +335,7 @@ class Loader:
         self.epoch, self.batches_consumed = epoch, 0
 
     def _record_skipped(self, skipped: list[SkippedImage]) -> None:
-        self.num_skipped += len(skipped)
-        self.skipped = (self.skipped + list(skipped))[-_MAX_SKIP_RECORDS:]
+        record_skipped(self, skipped)
 
     def _to_device(self, batch: tuple) -> tuple:
         if self.device is not None:
