@@ -216,8 +216,9 @@ def load_checkpoint(
     to_load = {"model": model_state, "optim": optim_state, **(extra_tensors or {})}
     dcp.load(to_load, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
-    rng_file = os.path.join(path, f"rng-rank{world.rank}.pt")
-    _set_rng_state(torch.load(rng_file, weights_only=True))
+    from ..models.convert import load_state_dict_file  # tensors only, and an error naming the file
+
+    _set_rng_state(load_state_dict_file(os.path.join(path, f"rng-rank{world.rank}.pt"), unwrap=False))
     return state
 
 
