@@ -51,7 +51,7 @@ def _configs(output_dir: str, seed: int, quick: bool) -> tuple[TrainConfig, Trai
     )  # fmt: skip
     tokenizer = TrainConfig(
         task="tokenizer", model=TOKENIZER["model"], model_kwargs=TOKENIZER["model_kwargs"], teacher="hog",
-        ema_decay=TOKENIZER["ema_decay"], batch_size=32, epochs=3 if quick else 12, warmup_epochs=1, lr=5e-4, min_lr=1e-5, weight_decay=1e-4,
+        ema_decay=TOKENIZER["ema_decay"], batch_size=32, epochs=2 if quick else 8, warmup_epochs=1, lr=5e-4, min_lr=1e-5, weight_decay=1e-4,
         opt_betas=[0.9, 0.99], clip_grad=0.0, min_crop_scale=0.2, output_dir=os.path.join(output_dir, "tokenizer"),
         **common,
     )  # fmt: skip
@@ -60,7 +60,7 @@ def _configs(output_dir: str, seed: int, quick: bool) -> tuple[TrainConfig, Trai
         early_layers=STUDENT["early_layers"], head_layers=STUDENT["head_layers"],
         tokenizer_model=TOKENIZER["model"], tokenizer_kwargs=TOKENIZER["model_kwargs"],
         tokenizer_weight=os.path.join(tokenizer.output_dir, "model.safetensors"),
-        num_mask_patches=NUM_MASK, min_mask_patches_per_block=4, batch_size=32, epochs=4 if quick else 20,
+        num_mask_patches=NUM_MASK, min_mask_patches_per_block=4, batch_size=32, epochs=3 if quick else 16,
         warmup_epochs=1, lr=1.5e-3, min_lr=1e-5, weight_decay=0.05, opt_betas=[0.9, 0.98], clip_grad=3.0,
         output_dir=os.path.join(output_dir, "pretrain"), **common,
     )  # fmt: skip
