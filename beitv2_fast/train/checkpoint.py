@@ -8,13 +8,16 @@ Layout under ``<output-dir>/checkpoints``::
         rng-rank0.pt ...    each rank's RNG states (tensors only)
         state.json          step, epoch, data position and what else the run needs
     step-00002000.incomplete/   a save in progress, or one killed: never loaded
+    step-00000500.deleting/     an old checkpoint being deleted (unpublished first): never loaded
 
 A save writes everything into ``step-N.incomplete`` and rank 0 renames it to ``step-N`` once
-every rank has finished, so a checkpoint is either complete or invisible. The newest ``k``
-complete checkpoints are kept (at least 2, as the newest may still be in flight elsewhere).
-Resuming restores model, optimizer, step, data position and RNG, so the run continues the
-same loss curve. DCP unpickles its ``.metadata``: load only checkpoints you trust; share
-weights as safetensors (:func:`export_safetensors`).
+every rank has finished, so a checkpoint is either complete or invisible. A save that fails on
+any rank (disk full, unwritable folder) raises :class:`CheckpointSaveError` on every rank and
+leaves the previous checkpoints as they were. The newest ``k`` complete checkpoints are kept
+(at least 2, as the newest may still be in flight elsewhere). Resuming restores model,
+optimizer, step, data position and RNG, so the run continues the same loss curve. DCP
+unpickles its ``.metadata``: load only checkpoints you trust; share weights as safetensors
+(:func:`export_safetensors`).
 """
 
 from __future__ import annotations
