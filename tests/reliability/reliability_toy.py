@@ -50,6 +50,9 @@ GLOBAL_BATCH = 8
 DIM = 16
 BATCHES_PER_EPOCH = 4
 WORKER = os.path.abspath(__file__)
+# Worker processes train on the CPU with gloo, on a GPU machine too (one GPU cannot host two
+# NCCL ranks, and the in-process runs they are compared with are on the CPU).
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
 class ToyNet(nn.Module):
@@ -220,8 +223,8 @@ def launch_ranks(world_size: int, output_dir, spec: dict, *, timeout_s: int = 30
     port = str(free_port())
     processes = []
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, BEITV2_DIST_TIMEOUT=str(timeout_s), OMP_NUM_THREADS="1")  # fmt: skip
+        env = dict(os.environ, **CPU_ONLY, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, BEITV2_DIST_TIMEOUT=str(timeout_s))  # fmt: skip
         processes.append(
             subprocess.Popen(
                 [sys.executable, WORKER, str(output_dir), json.dumps(spec)],

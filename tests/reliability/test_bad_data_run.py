@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import PIL.Image
 import pytest
+from reliability_toy import CPU_ONLY
 
 SIZE = 40
 BATCH = 5
@@ -80,7 +81,7 @@ def test_training_on_a_broken_folder_completes_and_names_the_bad_files(tmp_path)
         "--batch-size", str(BATCH), "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "1",
         "--amp-dtype", "float32", "--log-interval", "1", "--output-dir", str(out),
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", BEITV2_DIST_TIMEOUT="120")
+    env = dict(os.environ, **CPU_ONLY, BEITV2_DIST_TIMEOUT="120")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]

@@ -4,6 +4,7 @@ checkpoint, reports the half-written one, and logs the losses of an uninterrupte
 import json
 import logging
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import sys
 import time
 
 import pytest
-from reliability_toy import WORKER, ToyNet, logged_rows, losses, toy_config, toy_task
+from reliability_toy import CPU_ONLY, WORKER, ToyNet, logged_rows, losses, toy_config, toy_task
 
 from beitv2_fast.train import checkpoint as ckpt
 from beitv2_fast.train.distributed import Distributed
@@ -40,9 +41,9 @@ def straight(tmp_path_factory):
 def _launch(output_dir, faults):
     os.makedirs(output_dir, exist_ok=True)
     spec = json.dumps({"config": {"epochs": EPOCHS}, "faults": faults})
-    return subprocess.Popen(
-        [sys.executable, WORKER, str(output_dir), spec], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    with open(f"{output_dir}.log", "w") as log:  # a file, not a pipe nobody reads until the end
+        return subprocess.Popen([sys.executable, WORKER, str(output_dir), spec], env=dict(os.environ, **CPU_ONLY),
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def _kill_after_rows(runs, deadline_s=60.0):
@@ -93,8 +94,9 @@ def test_sigkill_anywhere_resumes_with_the_uninterrupted_losses(tmp_path, straig
         process.wait(timeout=60)
 
     for out, process in runs:
+        log = pathlib.Path(f"{out}.log").read_text()
         assert process.returncode == -signal.SIGKILL, (
-            f"{out.name} was not killed: rc {process.returncode}\n{process.stderr.read()}"
+            f"{out.name} was not killed: rc {process.returncode}\n{log[-3000:]}"
         )
         root = out / "checkpoints"
         saved, half_written = _every_complete_checkpoint_loads(root)

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from reliability_toy import WORKER, launch_ranks, losses, toy_config, toy_task
+from reliability_toy import CPU_ONLY, WORKER, launch_ranks, losses, toy_config, toy_task
 
 from beitv2_fast.train.distributed import Distributed
 from beitv2_fast.train.loop import train
@@ -24,7 +24,7 @@ def _torchrun(output_dir, spec: dict) -> subprocess.Popen:
         shutil.which("torchrun") or sys.executable,
         *([] if shutil.which("torchrun") else ["-m", "torch.distributed.run"]),
     ]
-    env = dict(os.environ, BEITV2_DIST_TIMEOUT=str(TIMEOUT_S), OMP_NUM_THREADS="1")
+    env = dict(os.environ, **CPU_ONLY, BEITV2_DIST_TIMEOUT=str(TIMEOUT_S))
     return subprocess.Popen(
         [*torchrun, "--max-restarts", "1", "--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.5",
          WORKER, str(output_dir), json.dumps(spec)],
