@@ -459,8 +459,9 @@ if triton is not None:
 
 
 def _block_d(head_dim: int) -> int:
-    """The head dimension padded to a power of two (tl.dot needs at least 16): 80 -> 128."""
-    return max(16, triton.next_power_of_2(head_dim))
+    """The head dimension padded to a power of two, at least 32 (the smallest tile of the tuned
+    configurations; tl.dot needs 16): 80 -> 128, 8 -> 32."""
+    return max(32, triton.next_power_of_2(head_dim))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
