@@ -107,6 +107,7 @@ def codebook_calls(draw, device):
     return _arrange(z, draw(st.sampled_from(LAYOUTS))), _arrange(codebook, draw(st.sampled_from(LAYOUTS)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, backend, examples", CASES, ids=CASE_IDS)
 @pytest.mark.timeout(300)
 def test_codebook_lookup_matches_the_reference(device, backend, examples):
@@ -201,6 +202,7 @@ def _cross_entropy(x, weight, bias, target, ignore_index, reduction, fused: bool
     return loss.detach(), correct, [None if t is None else t.grad for t in inputs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, backend, examples", CASES, ids=CASE_IDS)
 @pytest.mark.timeout(300)
 def test_masked_linear_cross_entropy_matches_the_reference(device, backend, examples):
@@ -315,6 +317,7 @@ def grad_weights(out: torch.Tensor) -> torch.Tensor:
     return torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, backend, examples", CASES, ids=CASE_IDS)
 @pytest.mark.timeout(300)
 def test_relpos_attention_matches_the_reference(device, backend, examples, monkeypatch):
