@@ -72,14 +72,23 @@ def _check_against_reference(q, k, v, bias, dtype, **kwargs):
             continue
         assert grads[i].dtype == dtype and grads[i].shape == ref_grads[i].shape, name
         atol = None
-        if name == "dbias":
+        if name != "dv":
             # dS = P (dP - delta) with delta = <dO, O> summed in fp32 by the kernels: its rounding
-            # (a few ulps of sum |dO * O|), summed over the batch, is the floor of the dbias
-            # error where the gradient cancels (N = 1: dbias is 0, but delta and dP round apart).
-            delta_rounding = q.shape[0] * 4 * 2**-23 * (grad_out * ref_out).abs().sum(-1).max()
-            scale = ref_grads[i].abs().max().item() if ref_grads[i].numel() else 0.0
-            floor = _testing.FP32_TOLERANCE["atol"] if dtype == torch.float32 else torch.finfo(dtype).eps * scale + 1e-6
-            atol = floor + delta_rounding.item()
+            # (a few ulps of sum |dO * O|) is the floor of the error where the gradient cancels
+            # (N = 1: dq, dk and dbias are 0, but delta and dP round apart). dbias sums it over
+            # the batch; dq and dk carry it through N products with keys or queries.
+            d_s_rounding = 4 * 2**-23 * (grad_out * ref_out).abs().sum(-1).max().item()
+            scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+            through = {"dq": k, "dk": q}
+            if name == "dbias":
+                cancellation = q.shape[0] * d_s_rounding
+            else:
+                cancellation = q.shape[2] * d_s_rounding * scale * through[name].float().abs().max().item()
+            magnitude = ref_grads[i].abs().max().item() if ref_grads[i].numel() else 0.0
+            floor = (
+                _testing.FP32_TOLERANCE["atol"] if dtype == torch.float32 else torch.finfo(dtype).eps * magnitude + 1e-6
+            )
+            atol = floor + cancellation
         lowp_grad = None if lowp_grads is None else lowp_grads[i]
         _testing.assert_close(grads[i], ref_grads[i], lowp_grad, name=name, atol=atol)
 

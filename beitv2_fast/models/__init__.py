@@ -19,7 +19,14 @@ from .classifier import (
     load_for_finetuning,
     prepare_finetune_state_dict,
 )
-from .convert import CheckpointMismatchError, export_safetensors, load_checkpoint, load_state_dict_file
+from .convert import (
+    CheckpointMismatchError,
+    CheckpointReadError,
+    UnsafeCheckpointError,
+    export_safetensors,
+    load_checkpoint,
+    load_state_dict_file,
+)
 from .pretrain import BEiTForMaskedImageModeling, masked_positions
 from .quantizer import NormEMAVectorQuantizer
 from .registry import create_model, list_models, register_model, register_with_timm_when_available
@@ -35,11 +42,13 @@ __all__ = [
     "BEiTForMaskedImageModeling",
     "CLIPTeacher",
     "CheckpointMismatchError",
+    "CheckpointReadError",
     "DINOTeacher",
     "HOGTeacher",
     "LinearProbe",
     "NormEMAVectorQuantizer",
     "Teacher",
+    "UnsafeCheckpointError",
     "VQKD",
     "build_teacher",
     "convert",
