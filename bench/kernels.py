@@ -2,11 +2,24 @@
 
     python bench/kernels.py codebook                  # BEiT v2 shape: M = 256 x 196, K = 8192, D = 32
     python bench/kernels.py codebook --m 4096 --dtype fp32
-    python bench/kernels.py masked_ce                 # MIM head fwd+bwd: M = 256 x 75, C = 768, V = 8192
+    python bench/kernels.py masked_ce                 # MIM head fwd, bwd, fwd+bwd: M = 256 x 75, C = 768, V = 8192
     python bench/kernels.py masked_ce --c 1024        # ViT-L
     python bench/kernels.py attention                 # fwd, bwd, fwd+bwd: B = 256, H = 12, N = 197, Dh = 64
     python bench/kernels.py attention --batch 128 --heads 16   # ViT-L
     python bench/kernels.py attention --batch 4       # on the CPU (fp32)
+    python bench/kernels.py all --batch 256           # the three ops at the pretraining shapes
+    python bench/kernels.py all --sweep batch=32,64,128,256     # shape sweeps, with PNG plots
+    python bench/kernels.py attention --sweep seq=50,197,257,577
+
+Shapes follow the images: ``--batch`` images of ``--seq`` tokens (197: a 224 px image in 16 px
+patches plus the class token) give the codebook ``batch x (seq - 1)`` rows, the masked head
+``batch x round(0.38 (seq - 1))`` rows (75 of 196 patches are masked) and attention B = batch,
+N = seq; ``--m`` sets the rows directly. ``--sweep NAME=V1,V2,...`` runs every op at each value of
+``batch`` or ``seq`` and plots time and speed-up against the value (``bench/results/plots``).
+
+Modes: the codebook lookup is forward only (the tokenizer runs without gradients); the masked head
+and attention run ``fwd`` (recording for the backward, as in training), ``bwd`` (the backward of
+one retained forward) and ``fwd+bwd``.
 
 Times are medians with 20th/80th percentiles (``triton.testing.do_bench`` on CUDA,
 ``torch.utils.benchmark`` on the CPU). Peak memory is the extra memory one call needs beyond
@@ -18,25 +31,26 @@ printed and appended to ``bench/results/kernels.csv`` with the device, versions,
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import datetime
 import functools
 import multiprocessing
 import os
-import platform
-import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common  # noqa: E402
+
 import kernels  # noqa: E402
 from kernels import _dispatch, reference  # noqa: E402
 
-RESULTS_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.csv")
+RESULTS_CSV = os.path.join(_common.RESULTS_DIR, "kernels.csv")
+PLOTS_DIR = os.path.join(_common.RESULTS_DIR, "plots")
+MASKED_FRACTION = 75 / 196  # the BEiT v2 recipe masks 75 of 196 patches
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -51,6 +65,7 @@ class Case:
     bytes_moved: int  # the minimum traffic: read the inputs once, write the outputs once
     flops: int
     baseline: str  # the provider speed-ups are measured against
+    mode: str = "fwd"  # fwd | bwd | fwd+bwd
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +98,7 @@ def codebook_case(args, device: torch.device) -> Case:
     element = torch.finfo(dtype).bits // 8
     return Case(
         op="codebook",
-        shape=f"M={args.m} K={args.k} D={args.d}",
+        shape=f"M={args.m} K={args.k} D={args.d} fwd",
         dtype=args.dtype,
         providers=providers,
         bytes_moved=(args.m + args.k) * args.d * element + args.m * (8 + 4),
@@ -101,20 +116,42 @@ def _with_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object
 
 
 # --------------------------------------------------------------------------------------------
-# Masked linear cross-entropy (forward + backward)
+# Training passes: forward, backward, both
 # --------------------------------------------------------------------------------------------
-def _forward_backward(loss_fn: Callable, *leaves: torch.Tensor) -> Callable[[], object]:
-    """One training step of the head: forward, backward, then drop the gradients so that each
-    call allocates (and the peak counts) them afresh."""
+def _training_passes(
+    forward: Callable[..., object], leaves: list[torch.Tensor], grad_output: torch.Tensor | None = None
+) -> dict[str, Callable[[], object]]:
+    """Forward (recording for the backward, as in training), backward alone (of one retained
+    forward) and forward + backward of ``forward(*leaves)``; its output, or the first element of
+    a tuple, is differentiated (against ``grad_output``, or as a scalar loss). Gradients are
+    dropped after each call so that every call allocates (and the peak counts) them afresh."""
+    retained = []
 
-    def step():
-        loss = loss_fn(*leaves)
-        loss = loss[0] if isinstance(loss, tuple) else loss
-        loss.backward()
+    def differentiated(output):
+        return output[0] if isinstance(output, tuple) else output
+
+    def drop_grads():
         for leaf in leaves:
             leaf.grad = None
 
-    return step
+    def forward_pass():
+        return forward(*leaves)
+
+    def backward_pass():
+        if not retained:
+            retained.append(differentiated(forward(*leaves)))
+        retained[0].backward(grad_output, retain_graph=True)
+        drop_grads()
+
+    def forward_backward():
+        differentiated(forward(*leaves)).backward(grad_output)
+        drop_grads()
+
+    return {"fwd": forward_pass, "bwd": backward_pass, "fwd+bwd": forward_backward}
+
+
+def _wrapped(passes: dict[str, Callable[[], object]], wrap: Callable) -> dict[str, Callable[[], object]]:
+    return {name: wrap(fn) for name, fn in passes.items()}
 
 
 def _with_gradient_in_forward(enabled: bool, fn: Callable[[], object]) -> Callable[[], object]:
@@ -130,7 +167,27 @@ def _with_gradient_in_forward(enabled: bool, fn: Callable[[], object]) -> Callab
     return run
 
 
-def masked_ce_case(args, device: torch.device) -> Case:
+def _pass_cases(op: str, shape: str, args, providers: dict[str, dict], work: dict, baseline: str) -> list[Case]:
+    """One Case per pass from ``providers[name][pass]`` and ``work[pass] = (bytes, flops)``."""
+    return [
+        Case(
+            op=op,
+            shape=f"{shape} {mode}",
+            dtype=args.dtype,
+            providers={name: passes[mode] for name, passes in providers.items()},
+            bytes_moved=work[mode][0],
+            flops=work[mode][1],
+            baseline=baseline,
+            mode=mode,
+        )
+        for mode in ("fwd", "bwd", "fwd+bwd")
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Masked linear cross-entropy
+# --------------------------------------------------------------------------------------------
+def masked_ce_case(args, device: torch.device) -> list[Case]:
     dtype = DTYPES[args.dtype]
     m, c, v = args.m, args.c, args.v
     x = torch.randn(m, c, device=device, dtype=dtype, requires_grad=True)
@@ -144,47 +201,44 @@ def masked_ce_case(args, device: torch.device) -> Case:
     def unfused(a, w, b):  # the reference MIM loss: logits, fp32 cross-entropy, argmax for the accuracy
         return reference.masked_linear_cross_entropy(a, w, b, target)
 
-    leaves = (x, weight, bias)
-    providers = {"linear+cross_entropy (reference)": _forward_backward(unfused, *leaves)}
+    leaves = [x, weight, bias]
+    providers = {"linear+cross_entropy (reference)": _training_passes(unfused, leaves)}
     if device.type == "cuda":
-        providers["torch.compile(reference)"] = _forward_backward(torch.compile(unfused), *leaves)
+        providers["torch.compile(reference)"] = _training_passes(torch.compile(unfused), leaves)
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-            providers["Liger fused_linear_cross_entropy"] = _forward_backward(
-                lambda a, w, b: liger_fused_linear_cross_entropy(a, w, target, bias=b), *leaves
+            providers["Liger fused_linear_cross_entropy"] = _training_passes(
+                lambda a, w, b: liger_fused_linear_cross_entropy(a, w, target, bias=b), leaves
             )
         except ImportError:
             pass
         try:
             from cut_cross_entropy import linear_cross_entropy
 
-            providers["Cut Cross-Entropy"] = _forward_backward(
-                lambda a, w, b: linear_cross_entropy(a, w, target, bias=b), *leaves
+            providers["Cut Cross-Entropy"] = _training_passes(
+                lambda a, w, b: linear_cross_entropy(a, w, target, bias=b), leaves
             )
         except ImportError:
             pass
-        available = {"triton": _dispatch.TRITON_AVAILABLE, "torch": True}
-        for backend in (name for name, ok in available.items() if ok):
-            step = _with_backend(backend, _forward_backward(ours, *leaves))
-            providers[f"ours[{backend}]"] = _with_gradient_in_forward(True, step)
-            providers[f"ours[{backend}, recompute in backward]"] = _with_gradient_in_forward(False, step)
+        backends = [name for name, ok in {"triton": _dispatch.TRITON_AVAILABLE, "torch": True}.items() if ok]
+        names = {backend: backend for backend in backends}
     else:
-        providers["ours[torch, chunked]"] = _with_gradient_in_forward(True, _forward_backward(ours, *leaves))
-        providers["ours[torch, chunked, recompute in backward]"] = _with_gradient_in_forward(
-            False, _forward_backward(ours, *leaves)
+        names = {"torch": "torch, chunked"}
+    for backend, name in names.items():
+        passes = _wrapped(_training_passes(ours, leaves), functools.partial(_with_backend, backend))
+        providers[f"ours[{name}]"] = _wrapped(passes, functools.partial(_with_gradient_in_forward, True))
+        providers[f"ours[{name}, recompute in backward]"] = _wrapped(
+            passes, functools.partial(_with_gradient_in_forward, False)
         )
     element = torch.finfo(dtype).bits // 8
-    return Case(
-        op="masked_ce",
-        shape=f"M={m} C={c} V={v} fwd+bwd",
-        dtype=args.dtype,
-        providers=providers,
-        # read x, weight, bias and target, write their gradients
-        bytes_moved=2 * (m * c + v * c + v) * element + m * 8,
-        flops=6 * m * c * v,  # logits, dlogits @ weight, dlogits^T @ x
-        baseline="linear+cross_entropy (reference)",
-    )
+    inputs = (m * c + v * c + v) * element + m * 8  # x, weight, bias, target
+    work = {
+        "fwd": (inputs + 8, 2 * m * c * v),  # the logits; out: loss and count
+        "bwd": (inputs + (m * c + v * c + v) * element, 4 * m * c * v),  # dlogits @ weight, dlogits^T @ x
+    }
+    work["fwd+bwd"] = (work["bwd"][0], 6 * m * c * v)
+    return _pass_cases("masked_ce", f"M={m} C={c} V={v}", args, providers, work, "linear+cross_entropy (reference)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,38 +279,12 @@ def _xformers_attention():
     return attend
 
 
-def _attention_passes(attend, q, k, v, bias) -> dict[str, Callable[[], object]]:
-    """Forward (recording for the backward, as in training), backward alone (of one retained
-    forward) and forward + backward of ``attend``; gradients are dropped after each call."""
-    leaves = [t for t in (q, k, v, bias) if t is not None]
-    grad_out = torch.randn_like(q)
-    retained = []
-
-    def drop_grads():
-        for leaf in leaves:
-            leaf.grad = None
-
-    def forward():
-        return attend(q, k, v, bias)
-
-    def backward():
-        if not retained:
-            retained.append(attend(q, k, v, bias))
-        retained[0].backward(grad_out, retain_graph=True)
-        drop_grads()
-
-    def forward_backward():
-        attend(q, k, v, bias).backward(grad_out)
-        drop_grads()
-
-    return {"fwd": forward, "bwd": backward, "fwd+bwd": forward_backward}
-
-
 def attention_case(args, device: torch.device) -> list[Case]:
     dtype = DTYPES[args.dtype]
     b, h, n, d = args.batch, args.heads, args.seq, args.head_dim
     q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     bias = torch.randn(h, n, n, device=device, dtype=dtype).requires_grad_()
+    grad_out = torch.randn_like(q)
 
     def ours(backend: str, deterministic: bool = False):
         def attend(*inputs):
@@ -297,16 +325,21 @@ def attention_case(args, device: torch.device) -> list[Case]:
         candidates["SDPA, no bias (ceiling)"] = (lambda: sdpa_no_bias, False)
     candidates["ours[torch]"] = (lambda: ours("torch"), True)
 
-    providers = {name: {} for name in ("fwd", "bwd", "fwd+bwd")}
+    providers = {}
     for name, (make, takes_bias) in candidates.items():
         try:
-            passes = _attention_passes(make(), q, k, v, bias if takes_bias else None)
+            attend = make()
+            if takes_bias:
+                passes = _training_passes(attend, [q, k, v, bias], grad_out)
+            else:
+                passes = _training_passes(
+                    lambda qq, kk, vv, attend=attend: attend(qq, kk, vv, None), [q, k, v], grad_out
+                )
             passes["fwd+bwd"]()  # compiles, and proves the provider runs here
         except Exception as exc:  # noqa: BLE001 - an unavailable baseline is reported, not fatal
             print(f"attention: skipping {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
-        for pass_name, fn in passes.items():
-            providers[pass_name][name] = fn
+        providers[name] = passes
 
     element = torch.finfo(dtype).bits // 8
     head_bytes = b * h * n * d * element
@@ -316,23 +349,18 @@ def attention_case(args, device: torch.device) -> list[Case]:
     flops = 4 * b * h * n * n * d  # the two forward products; the backward has five (2.5x)
     work = {"fwd": (forward_bytes, flops), "bwd": (backward_bytes, 5 * flops // 2)}
     work["fwd+bwd"] = (forward_bytes + backward_bytes, 7 * flops // 2)
-    return [
-        Case(
-            op="attention",
-            shape=f"B={b} H={h} N={n} Dh={d} {pass_name}",
-            dtype=args.dtype,
-            providers=providers[pass_name],
-            bytes_moved=work[pass_name][0],
-            flops=work[pass_name][1],
-            baseline="SDPA float mask",
-        )
-        for pass_name in providers
-    ]
+    return _pass_cases("attention", f"B={b} H={h} N={n} Dh={d}", args, providers, work, "SDPA float mask")
 
 
-CASES = {"codebook": codebook_case, "masked_ce": masked_ce_case, "attention": attention_case}
-# Rows when --m is not given: codebook, the tokens of 256 images; masked_ce, their 75 masked patches each.
-DEFAULT_ROWS = {"codebook": 256 * 196, "masked_ce": 256 * 75}
+CASES = {"codebook": codebook_case, "attention": attention_case, "masked_ce": masked_ce_case}
+
+
+def rows_for(op: str, args: argparse.Namespace) -> int:
+    """Rows of the codebook and masked-head cases: the (masked) patch tokens of the batch."""
+    if args.m is not None:
+        return args.m
+    patches = args.seq - 1
+    return args.batch * (patches if op == "codebook" else max(1, round(MASKED_FRACTION * patches)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,20 +376,12 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
 
     fn()  # warm-up
     measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=2.0)
-    times = torch.tensor(measurement.times) * 1e3
-    return measurement.median * 1e3, times.quantile(0.2).item(), times.quantile(0.8).item()
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    return _common.quantiles_ms(measurement.times)
 
 
 def make_cases(op: str, args: argparse.Namespace, device: torch.device) -> list[Case]:
-    """The cases of ``op``: one, or one per pass (attention: fwd, bwd, fwd+bwd)."""
+    """The cases of ``op``: one, or one per pass (masked_ce, attention: fwd, bwd, fwd+bwd)."""
+    args = argparse.Namespace(**{**vars(args), "m": rows_for(op, args)})
     cases = CASES[op](args, device)
     return cases if isinstance(cases, list) else [cases]
 
@@ -370,11 +390,10 @@ def _cpu_peak_child(op: str, args: argparse.Namespace, case_index: int, provider
     torch.manual_seed(0)
     fn = make_cases(op, args, torch.device("cpu"))[case_index].providers[provider]
     fn()  # one-time library start-up (thread pools, BLAS buffers) is not the op's memory
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset the peak resident set to the current one
-    before = _rss_kib("VmRSS")
+    _common.reset_peak_rss()
+    before = _common.rss_kib("VmRSS")
     fn()
-    queue.put((_rss_kib("VmHWM") - before) / 1024)
+    queue.put((_common.rss_kib("VmHWM") - before) / 1024)
 
 
 def peak_extra_mib(
@@ -409,41 +428,20 @@ def peak_extra_mib(
     return queue.get()
 
 
-def environment(device: torch.device) -> dict[str, str]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "commit": commit or "unknown",
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-    }
-
-
 def run_case(case: Case, args: argparse.Namespace, device: torch.device, case_index: int = 0) -> list[dict]:
-    env = environment(device)
+    env = _common.environment(device)
     rows = []
     for provider, fn in case.providers.items():
         median, p20, p80 = time_ms(fn, device)
-        peak = peak_extra_mib(case.op, args, provider, fn, device, case_index)
+        peak = None if args.no_memory else peak_extra_mib(case.op, args, provider, fn, device, case_index)
         rows.append(
             {
                 **env,
                 "op": case.op,
                 "shape": case.shape,
+                "mode": case.mode,
+                "batch": args.batch,
+                "seq": args.seq,
                 "dtype": case.dtype,
                 "provider": provider,
                 "ms": round(median, 4),
@@ -451,75 +449,144 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, case_in
                 "ms_p80": round(p80, 4),
                 "GB/s": round(case.bytes_moved / median / 1e6, 2),
                 "TFLOP/s": round(case.flops / median / 1e9, 3),
-                "peak_extra_MiB": round(peak, 1),
+                "peak_extra_MiB": "" if peak is None else round(peak, 1),
             }
         )
     baseline = next(r for r in rows if r["provider"] == case.baseline)
     for row in rows:
         row["speedup"] = round(baseline["ms"] / row["ms"], 2)
-        row["memory_vs_baseline"] = (
-            round(row["peak_extra_MiB"] / baseline["peak_extra_MiB"], 4) if baseline["peak_extra_MiB"] else ""
-        )
+        has_memory = row["peak_extra_MiB"] != "" and baseline["peak_extra_MiB"]
+        row["memory_vs_baseline"] = round(row["peak_extra_MiB"] / baseline["peak_extra_MiB"], 4) if has_memory else ""
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+COLUMNS = ["provider", "ms", "ms_p20", "ms_p80", "GB/s", "TFLOP/s", "peak_extra_MiB", "speedup", "memory_vs_baseline"]
+
+
+def title(rows: list[dict]) -> str:
     head = rows[0]
-    print(
-        f"\n{head['op']} {head['shape']} {head['dtype']} on {head['device']} (torch {head['torch']}, triton {head['triton']})"
+    return (
+        f"{head['op']} {head['shape']} {head['dtype']} on {head['device']} "
+        f"(torch {head['torch']}, triton {head['triton']}, commit {head['commit']})"
     )
-    columns = [
-        "provider",
-        "ms",
-        "ms_p20",
-        "ms_p80",
-        "GB/s",
-        "TFLOP/s",
-        "peak_extra_MiB",
-        "speedup",
-        "memory_vs_baseline",
-    ]
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
 
 
-def append_csv(rows: list[dict], path: str = RESULTS_CSV) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{title(rows)}\n{_common.format_table(rows, COLUMNS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps and their plots
+# --------------------------------------------------------------------------------------------
+def parse_sweep(text: str) -> tuple[str, list[int]]:
+    """``batch=32,64,128`` -> ``("batch", [32, 64, 128])``."""
+    name, _, values = text.partition("=")
+    if name not in ("batch", "seq") or not values:
+        raise argparse.ArgumentTypeError(f"--sweep must look like batch=1,2,4 or seq=50,197; got {text!r}")
+    try:
+        numbers = [int(v) for v in values.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep values must be integers; got {values!r}") from None
+    if min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"--sweep values must be positive; got {values!r}")
+    return name, numbers
+
+
+def plot_sweep(rows: list[dict], name: str, directory: str) -> list[str]:
+    """One PNG per (op, mode, dtype): time against the swept value for every provider (log-log),
+    and the speed-up over the case's baseline. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    groups = sorted({(r["op"], r["mode"], r["dtype"]) for r in rows})
+    for op, mode, dtype in groups:
+        group = [r for r in rows if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype)]
+        figure, (time_axis, speed_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for provider in dict.fromkeys(r["provider"] for r in group):
+            points = sorted((r[name], r["ms"], r["speedup"]) for r in group if r["provider"] == provider)
+            xs = [p[0] for p in points]
+            time_axis.plot(xs, [p[1] for p in points], marker="o", label=provider)
+            speed_axis.plot(xs, [p[2] for p in points], marker="o", label=provider)
+        for axis in (time_axis, speed_axis):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel(name)
+            axis.grid(True, which="both", alpha=0.3)
+        time_axis.set_yscale("log")
+        time_axis.set_ylabel("ms (median)")
+        speed_axis.set_ylabel("speed-up over the baseline")
+        speed_axis.legend(fontsize=7)
+        head = group[0]
+        figure.suptitle(f"{op} {mode} {dtype}, {name} sweep, {head['device']} (torch {head['torch']})", fontsize=10)
+        figure.tight_layout()
+        path = os.path.join(directory, f"{op}-{mode.replace('+', '-')}-{dtype}-{name}-{_slug(head['device'])}.png")
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _slug(text: str) -> str:
+    return "-".join("".join(c.lower() if c.isalnum() else " " for c in text).split())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("op", choices=sorted(CASES))
+    parser.add_argument("op", nargs="+", choices=[*CASES, "all"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on the CPU")
-    parser.add_argument("--m", type=int, default=None, help="rows (default: codebook 256 x 196, masked_ce 256 x 75)")
+    parser.add_argument("--batch", type=int, default=256, help="images (ViT-B pretraining 256, ViT-L 128)")
+    parser.add_argument("--seq", type=int, default=197, help="tokens per image with the class token (224 px: 197)")
+    parser.add_argument("--m", type=int, default=None, help="codebook and masked_ce rows (default: from the batch)")
     parser.add_argument("--k", type=int, default=8192, help="codes")
     parser.add_argument("--d", type=int, default=32, help="code dimension")
     parser.add_argument("--c", type=int, default=768, help="masked_ce: features (ViT-B 768, ViT-L 1024)")
     parser.add_argument("--v", type=int, default=8192, help="masked_ce: classes (the tokenizer's codes)")
-    parser.add_argument("--batch", type=int, default=256, help="attention: batch (ViT-B pretraining 256, ViT-L 128)")
     parser.add_argument("--heads", type=int, default=12, help="attention: heads (ViT-B 12, ViT-L 16)")
-    parser.add_argument("--seq", type=int, default=197, help="attention: tokens (224 px: 197, 384 px: 577)")
     parser.add_argument("--head-dim", type=int, default=64, help="attention: head dimension")
-    parser.add_argument("--no-csv", action="store_true", help="print only; do not append to bench/results/kernels.csv")
+    parser.add_argument("--sweep", type=parse_sweep, default=None, help="batch=V1,V2,... or seq=V1,V2,...")
+    parser.add_argument("--plot-dir", default=PLOTS_DIR, help="where the sweep plots go")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip peak memory (on the CPU: a process per provider)"
+    )
+    parser.add_argument("--csv", default=RESULTS_CSV, help="rows are appended here")
+    parser.add_argument("--no-csv", dest="csv", action="store_const", const="", help="print only")
+    parser.add_argument("--markdown", default="", help="also append the tables to this Markdown file")
+    parser.add_argument(
+        "--time-budget", type=float, default=float(os.environ.get("BEITV2_TIME_BUDGET", "inf")),
+        help="seconds: start no case after this ($BEITV2_TIME_BUDGET)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    args.m = DEFAULT_ROWS.get(args.op, 256 * 196) if args.m is None else args.m
-    torch.manual_seed(0)
-    for index, case in enumerate(make_cases(args.op, args, device)):
-        rows = run_case(case, args, device, index)
-        print_table(rows)
-        if not args.no_csv:
-            append_csv(rows)
+    ops = list(CASES) if "all" in args.op else list(dict.fromkeys(args.op))
+    deadline = time.time() + args.time_budget
+    sweep_name, sweep_values = args.sweep or (None, [None])
+    all_rows = []
+    for value in sweep_values:
+        point = argparse.Namespace(**vars(args))
+        if sweep_name:
+            setattr(point, sweep_name, value)
+        for op in ops:
+            torch.manual_seed(0)
+            for index, case in enumerate(make_cases(op, point, device)):
+                if time.time() >= deadline:
+                    print(f"time budget spent: {case.op} {case.shape} not measured", file=sys.stderr)
+                    continue
+                rows = run_case(case, point, device, index)
+                print_table(rows)
+                all_rows += rows
+                if args.csv:
+                    _common.append_csv(rows, args.csv)
+                if args.markdown:
+                    with open(args.markdown, "a") as f:
+                        f.write(f"\n**{title(rows)}**\n\n{_common.markdown_table(rows, COLUMNS)}\n")
+    if sweep_name and all_rows:
+        for path in plot_sweep(all_rows, sweep_name, args.plot_dir):
+            print(f"plot: {path}")
     return 0
 
 

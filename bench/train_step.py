@@ -11,6 +11,8 @@ Steps (``--task``):
 - ``pretrain``: one BEiT v2 pretraining step: the frozen VQ-KD tokenizer's forward (no grad) for
   the targets, the student's forward and backward through both heads (75 masked patches per
   image), gradient clipping and the AdamW step.
+- ``tokenize``: the frozen tokenizer's forward alone (no grad), the pretraining step's first part:
+  encoder, task layer and codebook lookup (ours: the fused lookup; the official: its quantizer).
 - ``tokenizer``: one VQ-KD training step: the frozen CLIP ViT-B/16 teacher's forward, the
   tokenizer's encoder, quantizer and decoder forward and backward, the AdamW step.
 
@@ -39,10 +41,13 @@ and takes its batches from this process one step at a time. On the CPU the steps
 over all providers, so a busy machine slows every provider alike; on CUDA the providers run one
 after the other, and each row is written as soon as it is measured. A step is the time between
 two batch requests of the provider's own training loop (CUDA synchronised at each request).
-Times are the median and 20th/80th percentiles of the measured steps after ``--warmup`` steps
-(compilation, autotuning, k-means initialisation). MFU comes from the FLOP model of
-``beitv2_fast.train`` (``pretrain_flops_per_image``, ``tokenizer_flops_per_image``; none on the
-CPU). Peak memory is measured over one more step: ``torch.cuda.max_memory_allocated`` on CUDA;
+Times are the median, 20th/80th percentiles and minimum of the measured steps after ``--warmup``
+steps (compilation, autotuning, k-means initialisation); images/s and MFU come from the median.
+On a machine shared with other work the minimum is the best guide to the unloaded speed, and
+``cpu_s_per_image`` (the provider process's CPU time, all threads, per image; median) the least
+disturbed measure of the work done. MFU
+uses the FLOP model of ``beitv2_fast.train`` (``pretrain_flops_per_image``,
+``tokenizer_flops_per_image``) and the GPU's dense bf16 peak; there is none on the CPU. Peak memory is measured over one more step: ``torch.cuda.max_memory_allocated`` on CUDA;
 on the CPU the peak resident set (with freed memory returned to the system) less the resident set
 before the models were built. Either way it counts weights, gradients, optimizer state and
 activations. Rows go to ``bench/results/train_step.csv`` with the device, versions, commit and date.
@@ -70,7 +75,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's `kernels` first
 import _common  # noqa: E402
 
-TASKS = ("pretrain", "tokenizer")
+TASKS = ("pretrain", "tokenize", "tokenizer")
 PROVIDERS = ("ours", "ours-torch", "ours-bf16", "official", "timm")
 NUM_CLASSES = 1000  # the timm backbone's classifier
 # Optimizer settings of the official recipes (PRETRAINING.md / TOKENIZER.md; beitv2_fast RECIPES).
@@ -78,8 +83,10 @@ RECIPE = {
     "pretrain": {"lr": 1.5e-3, "weight_decay": 0.05, "opt_betas": [0.9, 0.98], "clip_grad": 3.0},
     "tokenizer": {"lr": 2e-4, "weight_decay": 1e-4, "opt_betas": [0.9, 0.99], "clip_grad": 0.0},
 }
-COLUMNS = ["provider", "step_ms", "step_ms_p20", "step_ms_p80", "images_per_s", "mfu_pct", "peak_mem_MiB"]
+COLUMNS = ["provider", "step_ms", "step_ms_p20", "step_ms_p80", "step_ms_min", "images_per_s", "mfu_pct"]
+COLUMNS += ["cpu_s_per_image", "peak_mem_MiB"]
 COLUMNS += ["speedup", "memory_vs_baseline", "note"]
+MIN_PROVIDER_SECONDS = 20  # a provider is not started with less time left than this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +134,7 @@ class StepFeed:
         self.conn, self.device, self.batch, self.info = conn, device, batch, info
         self.setup, self.provider = setup, provider
         self.started: float | None = None
+        self.cpu_started = 0.0
         self.baseline = 0
         self.profiler = None
 
@@ -139,10 +147,13 @@ class StepFeed:
     def __next__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
+        now, cpu_now = time.perf_counter(), time.process_time()
         if self.profiler is not None:
             self._finish_profile()
-        self.conn.send(("step", now - self.started) if self.started is not None else ("ready", self.info))
+        if self.started is None:
+            self.conn.send(("ready", self.info))
+        else:
+            self.conn.send(("step", (now - self.started, cpu_now - self.cpu_started)))
         while True:
             command = self.conn.recv()
             if command == "step":
@@ -158,7 +169,7 @@ class StepFeed:
                 self.profiler = torch.profiler.profile(record_shapes=False)
                 self.profiler.__enter__()
                 self.conn.send(("ok", None))
-        self.started = time.perf_counter()
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
         return self.batch
 
     def measure_baseline(self) -> None:
@@ -227,10 +238,12 @@ def our_models(setup: Setup) -> dict[str, torch.nn.Module]:
     from beitv2_fast.models import CLIPTeacher, create_model
 
     torch.manual_seed(setup.seed)
-    if setup.task == "pretrain":
-        student = create_model(f"beit_{setup.model}_patch16_224_8k_vocab_cls_pt", img_size=setup.img_size)
+    if setup.task in ("pretrain", "tokenize"):
         tokenizer = create_model("vqkd_encoder_base_decoder_3x768x12_clip", as_tokenzer=True, img_size=setup.img_size)
-        return {"student": student, "tokenizer": tokenizer.eval().requires_grad_(False)}
+        models = {"tokenizer": tokenizer.eval().requires_grad_(False)}
+        if setup.task == "pretrain":
+            models["student"] = create_model(f"beit_{setup.model}_patch16_224_8k_vocab_cls_pt", img_size=setup.img_size)
+        return models
     teacher = CLIPTeacher()  # random weights: the benchmark needs the architecture only
     return {
         "tokenizer": create_model("vqkd_encoder_base_decoder_3x768x12_clip", img_size=setup.img_size, teacher=teacher)
@@ -238,12 +251,20 @@ def our_models(setup: Setup) -> dict[str, torch.nn.Module]:
 
 
 def flops_per_image(setup: Setup, models: dict[str, torch.nn.Module]) -> float:
+    from beitv2_fast.train.metrics import vit_forward_flops
     from beitv2_fast.train.pretrain import pretrain_flops_per_image
     from beitv2_fast.train.tokenizer import tokenizer_flops_per_image
 
     if setup.task == "pretrain":
         return pretrain_flops_per_image(models["student"], models["tokenizer"], setup.num_mask_patches)
-    return tokenizer_flops_per_image(models["tokenizer"], "clip")
+    if setup.task == "tokenizer":
+        return tokenizer_flops_per_image(models["tokenizer"], "clip")
+    # The tokenizer part of pretrain_flops_per_image: encoder, task layer, codebook similarities.
+    tokenizer = models["tokenizer"]
+    encoder, codes = tokenizer.encoder, tokenizer.quantize.embedding.weight.shape
+    tokens, dim = encoder.patch_embed.num_patches + 1, encoder.embed_dim
+    flops = vit_forward_flops(tokens, dim, len(encoder.blocks))
+    return flops + 2 * (tokens - 1) * (dim * dim + dim * codes[1]) + 2 * (tokens - 1) * codes[0] * codes[1]
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -263,6 +284,10 @@ def build_ours(setup: Setup, provider: Provider, device: torch.device):
     kernels.set_backend("torch" if provider.key == "ours-torch" else "auto")
     models = our_models(setup)
     inputs = make_inputs(setup, device)
+    if setup.task == "tokenize":
+        info = {"flops_per_image": flops_per_image(setup, models)}
+        batch, run = tokenize_loop(models["tokenizer"], provider, device, inputs, compile=provider.key != "ours-torch")
+        return batch, info, run
     output_dir = tempfile.mkdtemp(prefix="beitv2-bench-")
     config = TrainConfig(
         task=setup.task, amp_dtype="bfloat16" if provider.precision == "bf16" else "float32",
@@ -306,6 +331,25 @@ def build_ours(setup: Setup, provider: Provider, device: torch.device):
     return batch, info, run
 
 
+def tokenize_loop(tokenizer, provider: Provider, device: torch.device, inputs, *, compile: bool = False):
+    """The tokenizer's forward as the pretraining steps run it: no grad, under the autocast policy
+    (ours as ``loop.train`` runs a frozen module, compiled; the official under its engine's
+    ``torch.cuda.amp.autocast()``)."""
+    tokenizer = tokenizer.to(device)
+    if compile:
+        tokenizer.compile()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=provider.precision == "bf16")
+    if provider.key == "official":
+        autocast = torch.cuda.amp.autocast()  # pointed at the policy's dtype by unilm.patch_cuda_calls
+
+    def run(feed: StepFeed) -> None:
+        for (images,) in feed:
+            with torch.no_grad(), autocast:
+                tokenizer.get_codebook_indices(images)
+
+    return (inputs["unit_images"],), run
+
+
 class _SingleProcess(torch.nn.Module):
     """What DistributedDataParallel looks like to the reference's tokenizer engine, which reads
     ``model.module``: the official scripts always wrap the model in DDP."""
@@ -343,9 +387,8 @@ def build_official(setup: Setup, provider: Provider, device: torch.device):
     )  # fmt: skip
     inputs = make_inputs(setup, device)
     scaler = unilm.loss_scaler(beit2)
-    if setup.task == "pretrain":
-        student = official_student(beit2, ours["student"], setup)
-        student.load_state_dict(ours["student"].state_dict())
+    if setup.task in ("pretrain", "tokenize"):
+        # run_beitv2_pretraining.py's get_visual_tokenizer, from a file of our tokenizer's weights
         weight_file = os.path.join(tempfile.mkdtemp(prefix="beitv2-bench-"), "tokenizer.pth")
         torch.save({"model": ours["tokenizer"].state_dict()}, weight_file)
         tokenizer = unilm.create_model(
@@ -353,6 +396,12 @@ def build_official(setup: Setup, provider: Provider, device: torch.device):
             pretrained_weight=weight_file, as_tokenzer=True, n_code=8192, code_dim=32, img_size=setup.img_size,
         ).eval()  # fmt: skip
         shutil.rmtree(os.path.dirname(weight_file), ignore_errors=True)
+        if setup.task == "tokenize":
+            del ours
+            batch, run = tokenize_loop(tokenizer, provider, device, inputs)
+            return batch, info, run
+        student = official_student(beit2, ours["student"], setup)
+        student.load_state_dict(ours["student"].state_dict())
         del ours
         student, tokenizer = student.to(device), tokenizer.to(device)
         optimizer = beit2.optim_factory.create_optimizer(args, student)
@@ -484,17 +533,27 @@ class Worker:
     """The parent's handle on one provider's process."""
 
     def __init__(self, setup: Setup, provider: Provider, log_dir: str):
-        context = multiprocessing.get_context("spawn")
-        self.provider = provider
-        self.conn, child = context.Pipe()
+        self.setup, self.provider = setup, provider
         self.log_path = os.path.join(log_dir, f"{setup.task}-b{setup.batch}-{provider.key}.log")
-        self.process = context.Process(target=_worker, args=(setup, provider, child, self.log_path), daemon=True)
-        self.process.start()
-        child.close()
+        self.process = None
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # the process's CPU time (all its threads) per step
         self.info: dict = {}
         self.peak_mib: float | None = None
         self.error = ""
+
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_worker, args=(self.setup, self.provider, child, self.log_path), daemon=True
+        )
+        self.process.start()
+        child.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
 
     def expect(self, kind: str, timeout: float):
         if not self.conn.poll(None if math.isinf(timeout) else max(timeout, 0.0)):
@@ -515,6 +574,8 @@ class Worker:
         return self.expect(answer, timeout)
 
     def stop(self) -> None:
+        if self.process is None:
+            return
         if self.process.is_alive():
             try:
                 self.conn.send("stop")
@@ -548,7 +609,11 @@ def measure(setup: Setup, providers: list[Provider], options: argparse.Namespace
         for provider in group:  # start and warm up one at a time: compilation needs the whole machine
             worker = Worker(setup, provider, log_dir)
             workers.append(worker)
+            if deadline - time.time() < MIN_PROVIDER_SECONDS:
+                worker.error = "time budget: not started"
+                continue
             try:
+                worker.start()
                 worker.info = worker.expect("ready", deadline - time.time())
                 for _ in range(options.warmup):
                     worker.command("step", "step", deadline - time.time())
@@ -564,11 +629,13 @@ def measure(setup: Setup, providers: list[Provider], options: argparse.Namespace
                     worker.error = worker.error or f"time budget: {len(worker.times)} of {options.steps} steps"
                     continue
                 try:
-                    worker.times.append(worker.command("step", "step", deadline - time.time()))
+                    seconds, cpu_seconds = worker.command("step", "step", deadline - time.time())
+                    worker.times.append(seconds)
+                    worker.cpu_times.append(cpu_seconds)
                 except (WorkerError, TimeoutError) as error:
                     _fail(worker, error)
         for worker in workers:
-            if worker.process.is_alive() and worker.times and time.time() + max(worker.times) < deadline:
+            if worker.alive and worker.times and time.time() + max(worker.times) < deadline:
                 try:
                     worker.command("memory", "ok", 60)
                     worker.command("step", "step", deadline - time.time())
@@ -616,7 +683,8 @@ def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) ->
             flops = worker.info.get("flops_per_image")
             row.update(
                 step_ms=round(median, 1), step_ms_p20=round(p20, 1), step_ms_p80=round(p80, 1),
-                images_per_s=round(images_per_s, 2),
+                step_ms_min=round(1e3 * min(worker.times), 1), images_per_s=round(images_per_s, 2),
+                cpu_s_per_image=round(_common.quantiles_ms(worker.cpu_times)[0] / 1e3 / setup.batch, 3),
                 mfu_pct=round(100 * flops * images_per_s / peak, 1) if peak and flops else "",
                 peak_mem_MiB=round(worker.peak_mib) if worker.peak_mib is not None else "",
             )  # fmt: skip
@@ -674,7 +742,7 @@ def providers_for(task: str, options: argparse.Namespace) -> list[Provider]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=[*TASKS, "both"], default="both")
+    parser.add_argument("--task", nargs="+", choices=TASKS, default=["pretrain", "tokenizer"], help="in this order")
     parser.add_argument("--model", choices=["tiny", "small", "base", "large"], default="base", help="student size")
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="default: 4 on the CPU, 128 on CUDA")
     parser.add_argument("--img-size", type=int, default=224)
@@ -695,7 +763,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="all providers at once, steps round-robin (default on the CPU)")  # fmt: skip
     order.add_argument("--sequential", dest="interleave", action="store_false",
                        help="one provider after the other (default on CUDA)")  # fmt: skip
-    parser.add_argument("--time-budget", type=float, default=None, help="seconds; stop measuring before then")
+    parser.add_argument(
+        "--time-budget", type=float, default=float(os.environ.get("BEITV2_TIME_BUDGET", "inf")),
+        help="seconds: stop measuring in time, keeping the rows measured so far ($BEITV2_TIME_BUDGET)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", default=os.path.join(_common.RESULTS_DIR, "train_step.csv"))
     parser.add_argument("--no-csv", dest="csv", action="store_const", const="", help="do not append to the CSV")
@@ -729,8 +800,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    deadline = time.time() + (options.time_budget or math.inf)
-    tasks = TASKS if options.task == "both" else (options.task,)
+    deadline = time.time() + options.time_budget
+    tasks = options.task
     if not options.unilm_dir and "official" in options.providers:
         print("no --unilm-dir: the official implementation is left out", file=sys.stderr)
     for task in tasks:

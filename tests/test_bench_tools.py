@@ -1,0 +1,156 @@
+"""The benchmark suite's own tools (bench/): the einops stand-in of the reference shim, the
+results files, the timing statistics and the command lines. Speed itself is never asserted."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels  # noqa: F401 - the package, before bench/ (which holds a kernels.py) is on the path
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+if BENCH_DIR not in sys.path:
+    sys.path.append(BENCH_DIR)
+
+import _common  # noqa: E402
+import train_step  # noqa: E402
+from reference import einops_lite, unilm  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------
+# einops_lite: the patterns microsoft/unilm beit2 uses
+# ------------------------------------------------------------------------------------------------
+def test_rearrange_matches_the_torch_operations():
+    x = torch.randn(2, 12, 5)
+    grid = einops_lite.rearrange(x, "b (h w) c -> b c h w", h=3, w=4)
+    torch.testing.assert_close(grid, x.reshape(2, 3, 4, 5).permute(0, 3, 1, 2), rtol=0, atol=0)
+    image = torch.randn(2, 5, 3, 4)
+    torch.testing.assert_close(einops_lite.rearrange(image, "b c h w -> b h w c"), image.permute(0, 2, 3, 1))
+    torch.testing.assert_close(einops_lite.rearrange(image.permute(0, 2, 3, 1), "b h w c -> b c h w"), image)
+    rows = torch.randn(7, 3)
+    assert einops_lite.rearrange(rows, "n d -> n () d").shape == (7, 1, 3)
+    assert einops_lite.rearrange(rows, "c d -> () c d").shape == (1, 7, 3)
+
+
+def test_repeat_adds_the_named_axis():
+    index = torch.tensor([3, 1, 2])
+    repeated = einops_lite.repeat(index, "n -> n d", d=4)
+    torch.testing.assert_close(repeated, index[:, None].expand(3, 4))
+
+
+@pytest.mark.parametrize(
+    "shape, pattern, message",
+    [
+        ((2, 6, 3), "b (h w) c -> b c h w", "cannot infer"),
+        ((2, 6), "b (h w) -> b h w", "cannot infer"),
+        ((2, 6), "b c -> b c d", "without sizes"),
+        ((2, 6), "b c -> b", "drops axes"),
+        ((2, 6), "b (c -> b c", "unbalanced"),
+        ((2, 6), "b c d -> b c d", "names 3 axes"),
+    ],
+)
+def test_einops_lite_rejects_what_it_cannot_do(shape, pattern, message):
+    with pytest.raises(ValueError, match=message):
+        einops_lite.rearrange(torch.zeros(shape), pattern)
+
+
+def test_einops_lite_checks_given_sizes():
+    with pytest.raises(ValueError, match="does not match length 6"):
+        einops_lite.rearrange(torch.zeros(2, 6), "b (h w) -> b h w", h=4, w=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Results files and statistics
+# ------------------------------------------------------------------------------------------------
+def test_append_csv_widens_an_older_file(tmp_path):
+    path = str(tmp_path / "rows.csv")
+    _common.append_csv([{"a": 1, "b": 2}], path)
+    _common.append_csv([{"a": 3, "b": 4}], path)
+    _common.append_csv([{"a": 5, "c": 6}], path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["a", "b", "c"]
+        rows = list(reader)
+    assert rows == [
+        {"a": "1", "b": "2", "c": ""},
+        {"a": "3", "b": "4", "c": ""},
+        {"a": "5", "b": "", "c": "6"},
+    ]
+
+
+def test_quantiles_are_those_of_do_bench():
+    median, p20, p80 = _common.quantiles_ms([0.001, 0.002, 0.003, 0.004, 0.005])
+    assert (median, p20, p80) == pytest.approx((3.0, 1.8, 4.2))
+
+
+def test_tables_align_and_render_markdown():
+    rows = [{"provider": "ours", "ms": 1.5}, {"provider": "reference", "ms": 12.25}]
+    text = _common.format_table(rows, ["provider", "ms"]).splitlines()
+    assert text[0].split() == ["provider", "ms"] and len({len(line.rstrip()) for line in text[1:]}) <= 2
+    markdown = _common.markdown_table(rows, ["provider", "ms"]).splitlines()
+    assert markdown[:2] == ["| provider | ms |", "|---|---|"] and markdown[3] == "| reference | 12.25 |"
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference shim and the command line
+# ------------------------------------------------------------------------------------------------
+def test_find_beit2_accepts_the_checkout_or_its_folder(tmp_path):
+    folder = tmp_path / "unilm" / "beit2"
+    folder.mkdir(parents=True)
+    (folder / "modeling_pretrain.py").write_text("")
+    assert unilm.find_beit2(str(tmp_path / "unilm")) == str(folder)
+    assert unilm.find_beit2(str(folder)) == str(folder)
+    with pytest.raises(ValueError, match="--unilm-dir .*beit2/modeling_pretrain.py"):
+        unilm.find_beit2(str(tmp_path))
+
+
+def test_train_step_defaults_on_the_cpu():
+    options = train_step.parse_args(["--device", "cpu"])
+    assert options.batch == [4] and options.precision == "fp32" and options.interleave
+    assert options.num_mask_patches == 75 and options.task == ["pretrain", "tokenizer"]
+    small = train_step.parse_args(["--device", "cpu", "--img-size", "64"])
+    assert small.num_mask_patches == 6  # 75 of 196 patches, scaled to 16
+    keys = [p.key for p in train_step.providers_for("pretrain", options)]
+    assert keys == ["ours", "ours-torch", "ours-bf16", "timm"]  # no official without --unilm-dir
+    assert [p.precision for p in train_step.providers_for("tokenizer", options)] == ["fp32", "fp32", "bf16"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--img-size", "100"], "not a multiple of the patch size"),
+        (["--num-mask-patches", "300"], "must lie in"),
+        (["--unilm-dir", "/nonexistent"], "--unilm-dir"),
+    ],
+)
+def test_train_step_rejects_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--device", "cpu", *argv])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_step_measures_every_provider_end_to_end(tmp_path):
+    """Two providers at a toy size through the whole protocol (processes, steps, memory, rows)."""
+    csv_path = tmp_path / "rows.csv"
+    command = [
+        sys.executable, os.path.join(BENCH_DIR, "train_step.py"), "--device", "cpu", "--task", "pretrain",
+        "--model", "tiny", "--img-size", "32", "--batch", "1", "--warmup", "0", "--steps", "1",
+        "--providers", "ours-torch", "timm", "--csv", str(csv_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == [
+        "ours (torch backend, eager)",
+        "timm beitv2_base_patch16_224 (backbone only)",
+    ]
+    for row in rows:
+        assert row["note"] == "" and float(row["images_per_s"]) > 0 and float(row["peak_mem_MiB"]) > 0
+        assert row["device"].startswith("CPU") and row["steps"] == "1" and row["mfu_pct"] == ""
