@@ -226,11 +226,12 @@ def masked_ce_case(args, device: torch.device) -> list[Case]:
     else:
         names = {"torch": "torch, chunked"}
     for backend, name in names.items():
-        passes = _wrapped(_training_passes(ours, leaves), functools.partial(_with_backend, backend))
-        providers[f"ours[{name}]"] = _wrapped(passes, functools.partial(_with_gradient_in_forward, True))
-        providers[f"ours[{name}, recompute in backward]"] = _wrapped(
-            passes, functools.partial(_with_gradient_in_forward, False)
-        )
+        for gradient_in_forward, suffix in ((True, ""), (False, ", recompute in backward")):
+            # Each provider its own passes: the backward pass retains a forward made its way.
+            passes = _wrapped(_training_passes(ours, leaves), functools.partial(_with_backend, backend))
+            providers[f"ours[{name}{suffix}]"] = _wrapped(
+                passes, functools.partial(_with_gradient_in_forward, gradient_in_forward)
+            )
     element = torch.finfo(dtype).bits // 8
     inputs = (m * c + v * c + v) * element + m * 8  # x, weight, bias, target
     work = {
