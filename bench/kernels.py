@@ -512,8 +512,11 @@ def plot_sweep(rows: list[dict], name: str, directory: str) -> list[str]:
             xs = [p[0] for p in points]
             time_axis.plot(xs, [p[1] for p in points], marker="o", label=provider)
             speed_axis.plot(xs, [p[2] for p in points], marker="o", label=provider)
+        values = sorted({r[name] for r in group})
         for axis in (time_axis, speed_axis):
             axis.set_xscale("log", base=2)
+            axis.set_xticks(values, [str(v) for v in values])
+            axis.minorticks_off()
             axis.set_xlabel(name)
             axis.grid(True, which="both", alpha=0.3)
         time_axis.set_yscale("log")

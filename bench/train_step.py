@@ -380,7 +380,7 @@ def build_official(setup: Setup, provider: Provider, device: torch.device):
     beit2.modeling_vqkd.clip.load = unilm.random_clip_loader(beit2)
     ours = our_models(setup)
     info = {"flops_per_image": flops_per_image(setup, ours)}
-    recipe = RECIPE[setup.task]
+    recipe = RECIPE.get(setup.task, RECIPE["pretrain"])  # the tokenizer forward has no optimizer
     args = argparse.Namespace(
         opt="adamw", lr=recipe["lr"], weight_decay=recipe["weight_decay"], opt_eps=1e-8,
         opt_betas=recipe["opt_betas"], momentum=0.9,
@@ -581,7 +581,7 @@ class Worker:
                 self.conn.send("stop")
             except (BrokenPipeError, OSError):
                 pass
-            self.process.join(30)
+            self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -673,7 +673,7 @@ def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) ->
     rows = []
     for worker in workers:
         row = {
-            **env, "host_load": f"{os.getloadavg()[0]:.1f}", "task": setup.task, "model": f"vit_{setup.model}_16",
+            **env, "host_load": f"{os.getloadavg()[0]:.1f}", "task": setup.task, "model": model_name(setup),
             "img_size": setup.img_size, "batch": setup.batch, "precision": worker.provider.precision,
             "provider": worker.provider.label, "steps": len(worker.times),
         }  # fmt: skip
@@ -701,13 +701,20 @@ def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) ->
     return rows
 
 
+def model_name(setup: Setup) -> str:
+    """The trained (or run) model: the student for pretraining, else the recipe's tokenizer."""
+    if setup.task == "pretrain":
+        return f"beit_{setup.model}_patch16_224_8k_vocab_cls_pt"
+    return "vqkd_encoder_base_decoder_3x768x12_clip"
+
+
 def report(setup: Setup, workers: list[Worker], options: argparse.Namespace) -> None:
     """Print, append to the CSV and the Markdown file."""
     rows = rows_of(setup, workers, options)
     head = rows[0]
     kind = "CPU figures" if head["device"].startswith("CPU") else "GPU figures"
     title = (
-        f"{setup.task} step, ViT-{setup.model[0].upper()}/16 at {setup.img_size} px, batch {setup.batch}, "
+        f"{setup.task} step, {model_name(setup)} at {setup.img_size} px, batch {setup.batch}, "
         f"{head['device']} ({kind}; torch {head['torch']}, triton {head['triton']}, timm {head['timm']}, "
         f"commit {head['commit']}, load {head['host_load']})"
     )
