@@ -32,13 +32,18 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict[str, str]:
-    """Date, commit, device and library versions: the columns every results row starts with."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+    """Date, commit, device and library versions: the columns every results row starts with.
+
+    The commit is ``$BEITV2_COMMIT`` when set (a copy of the tree without ``.git``, as on a lent
+    GPU machine), else git's."""
+    commit = os.environ.get("BEITV2_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT
+            ).stdout.strip()
+        except OSError:
+            commit = ""
     try:
         import triton
 

@@ -20,6 +20,7 @@
 #                          (default: outputs/unilm when it exists, an ignored folder that can travel)
 #   BEITV2_GPU_SUITE_CPU   1: dry run on the CPU, results under /tmp/beitv2-gpu-suite-dry
 #   BEITV2_SUITE_BUILD     0: skip building the CUDA extension (default: build, except in dry runs)
+#   BEITV2_COMMIT          the commit to record where the tree has no .git (e.g. a copy on a lent GPU)
 #   PYTHON                 the interpreter (default python3)
 set -u -o pipefail
 
@@ -113,7 +114,7 @@ run_step() {
 {
     printf '# GPU suite, %s, %s\n\n' "$STAMP" "$GPU"
     [ "$DRY" = 1 ] && printf '**Dry run on the CPU with tiny shapes: these are not GPU figures.**\n\n'
-    printf -- '- commit: %s\n' "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    printf -- '- commit: %s\n' "${BEITV2_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     printf -- '- %s\n' "$("$PY" -c 'import sys, torch, triton; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}")' 2>&1 | tail -n 1)"
     if command -v nvidia-smi >/dev/null 2>&1; then
         printf -- '- nvidia-smi: %s\n' "$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -n 1)"

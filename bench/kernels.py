@@ -575,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
         if sweep_name:
             setattr(point, sweep_name, value)
         for op in ops:
+            if time.time() >= deadline:
+                where = f"{sweep_name} {value}" if sweep_name else f"batch {args.batch}"
+                print(f"time budget spent: {op} at {where} not measured", file=sys.stderr)
+                continue
             torch.manual_seed(0)
             for index, case in enumerate(make_cases(op, point, device)):
                 if time.time() >= deadline:
