@@ -45,12 +45,12 @@ Times are the median, 20th/80th percentiles and minimum of the measured steps af
 steps (compilation, autotuning, k-means initialisation); images/s and MFU come from the median.
 On a machine shared with other work the minimum is the best guide to the unloaded speed, and
 ``cpu_s_per_image`` (the provider process's CPU time, all threads, per image; median) the least
-disturbed measure of the work done. MFU
-uses the FLOP model of ``beitv2_fast.train`` (``pretrain_flops_per_image``,
-``tokenizer_flops_per_image``) and the GPU's dense bf16 peak; there is none on the CPU. Peak memory is measured over one more step: ``torch.cuda.max_memory_allocated`` on CUDA;
-on the CPU the peak resident set (with freed memory returned to the system) less the resident set
-before the models were built. Either way it counts weights, gradients, optimizer state and
-activations. Rows go to ``bench/results/train_step.csv`` with the device, versions, commit and date.
+disturbed measure of the work done. MFU uses the FLOP model of ``beitv2_fast.train``
+(``pretrain_flops_per_image``, ``tokenizer_flops_per_image``) and the GPU's dense bf16 peak; there
+is none on the CPU. Peak memory is measured over one more step: ``torch.cuda.max_memory_allocated``
+on CUDA; on the CPU the peak resident set (with freed memory returned to the system) less the
+resident set before the models were built. Either way it counts weights, gradients, optimizer state
+and activations. Rows go to ``bench/results/train_step.csv`` with the device, versions, commit and date.
 """
 
 from __future__ import annotations
