@@ -15,7 +15,8 @@
 # there after every step.
 #
 # Environment:
-#   BEITV2_SUITE_SECONDS   total time (default 525: under 9 minutes with room to spare)
+#   BEITV2_SUITE_SECONDS   total time (default 525: under 9 minutes with room to spare; less
+#                          shrinks every step's cap in proportion)
 #   BEITV2_UNILM_DIR       a microsoft/unilm checkout for the official provider
 #                          (default: outputs/unilm when it exists, an ignored folder that can travel)
 #   BEITV2_GPU_SUITE_CPU   1: dry run on the CPU, results under /tmp/beitv2-gpu-suite-dry
@@ -81,6 +82,8 @@ run_step() {
     local name=$1 cap=$2
     shift 2
     local left limit log rc began status
+    # A suite given less than the full 525 s shrinks every step's cap in proportion.
+    if [ "$TOTAL" -lt 525 ]; then cap=$((cap * TOTAL / 525)); fi
     left=$(($(remaining) - 5))
     limit=$((cap < left ? cap : left))
     log=$LOGS/$(printf '%s' "$name" | tr -cs 'A-Za-z0-9' '-').log
