@@ -627,13 +627,16 @@ def _batch_chunk(q: torch.Tensor, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(1, 4 * h * n * n))
 
 
-def _scores(q, k, bias32, scale):
-    """fp32 logits of one batch chunk (q scaled first: the smaller operand) and the scaled q."""
-    q_scaled = q.float() * scale
+def _probabilities(q, k, bias32, scale, lse=None):
+    """Softmax probabilities of one batch chunk in fp32 (one N x N buffer, updated in place),
+    their log-sum-exp (computed here when not given), and the scaled q."""
+    q_scaled = q.float() * scale  # the smaller operand
     scores = torch.matmul(q_scaled, k.float().transpose(-2, -1))
     if bias32 is not None:
         scores += bias32
-    return scores, q_scaled
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1)
+    return scores.sub_(lse[..., None]).exp_(), lse, q_scaled
 
 
 def _torch_forward(q, k, v, bias, scale, chunk_bytes: int = CPU_CHUNK_BYTES):
@@ -643,9 +646,7 @@ def _torch_forward(q, k, v, bias, scale, chunk_bytes: int = CPU_CHUNK_BYTES):
     step = _batch_chunk(q, chunk_bytes)
     for start in range(0, q.shape[0], step):
         part = slice(start, start + step)
-        scores, _ = _scores(q[part], k[part], bias32, scale)
-        lse[part] = torch.logsumexp(scores, dim=-1)
-        probs = scores.sub_(lse[part, ..., None]).exp_()  # in place: one N x N buffer per chunk
+        probs, lse[part], _ = _probabilities(q[part], k[part], bias32, scale)
         out[part] = torch.matmul(probs, v[part].float())
     return out, lse
 
@@ -658,12 +659,11 @@ def _torch_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, nee
     for start in range(0, q.shape[0], step):
         part = slice(start, start + step)
         kf, vf, dof = k[part].float(), v[part].float(), grad_out[part].float()
-        scores, q_scaled = _scores(q[part], kf, bias32, scale)
-        probs = scores.sub_(lse[part, ..., None]).exp_()
+        probs, _, q_scaled = _probabilities(q[part], kf, bias32, scale, lse[part])
         dv[part] = torch.matmul(probs.transpose(-2, -1), dof)
-        dprobs = torch.matmul(dof, vf.transpose(-2, -1))
-        # dS = P * (dP - rowsum(P * dP)), in place in dP's buffer
-        dscores = dprobs.sub_((probs * dprobs).sum(-1, keepdim=True)).mul_(probs)
+        # dS = P * (dP - delta), with delta = rowsum(P * dP) = rowsum(dO * O): [N, Dh] work, not [N, N]
+        delta = (dof * out[part].float()).sum(-1, keepdim=True)
+        dscores = torch.matmul(dof, vf.transpose(-2, -1)).sub_(delta).mul_(probs)
         dq[part] = torch.matmul(dscores, kf).mul_(scale)
         dk[part] = torch.matmul(dscores.transpose(-2, -1), q_scaled)
         if need_dbias:
