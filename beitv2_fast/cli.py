@@ -24,17 +24,16 @@ TRAINING = {"train-tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": 
 def run_training(task: str, argv: list[str]) -> dict[str, float]:
     """Parse the flags of one training command and run it on this process's rank."""
     from .train.config import check_output_dir, config_from_args
-    from .train.distributed import init_distributed, shutdown
+    from .train.distributed import process_group
     from .train.loop import seed_everything, train
     from .train.metrics import setup_logging
 
     command = next(name for name, t in TRAINING.items() if t == task)
     config = config_from_args(argv, task=task, prog=f"beitv2 {command}")
     check_output_dir(config.output_dir)
-    world = init_distributed()
-    setup_logging(world)
-    seed_everything(config.seed, world.rank)
-    try:
+    with process_group() as world:
+        setup_logging(world)
+        seed_everything(config.seed, world.rank)
         if task == "tokenizer":
             from .train.tokenizer import build_tokenizer_task as build
         elif task == "pretrain":
@@ -42,8 +41,6 @@ def run_training(task: str, argv: list[str]) -> dict[str, float]:
         else:
             from .train.finetune import build_finetune_task as build
         return train(config, build(config, world), world)
-    finally:
-        shutdown()
 
 
 def tokenize(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ from torch import nn
 
 from beitv2_fast.train import checkpoint as ckpt
 from beitv2_fast.train.config import TrainConfig
-from beitv2_fast.train.distributed import Distributed, init_distributed, shutdown
+from beitv2_fast.train.distributed import Distributed, process_group
 from beitv2_fast.train.loop import NonFiniteError, Task, TrainData, cosine_lr, train
 
 GLOBAL_BATCH = 8
@@ -100,11 +100,8 @@ def _worker(rank, world_size, port, output_dir, overrides, task_kwargs):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    world = init_distributed()
-    try:
+    with process_group() as world:
         train(toy_config(output_dir, **overrides), toy_task(world, **task_kwargs), world)
-    finally:
-        shutdown()
 
 
 def run_ranks(world_size, output_dir, task_kwargs=None, **overrides):

@@ -7,8 +7,10 @@ model's ``nn.ModuleList`` children (``blocks``, ``cls_pt_layers``...).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +77,25 @@ def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
     return dist.PrefixStore(f"beitv2-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def shutdown() -> None:
+@contextlib.contextmanager
+def process_group(timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Iterator[Distributed]:
+    """:func:`init_distributed` on the way in, :func:`shutdown` on the way out."""
+    world = init_distributed(timeout)
+    try:
+        yield world
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
+
+
+def shutdown(*, clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first waits for the others: gloo
+    aborts a rank (``terminate called without an active exception``) whose peer tears down the
+    connections it is still closing. After an error there is no one reliable to wait for."""
     if dist.is_initialized():
+        if clean:
+            barrier()
         dist.destroy_process_group()
 
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from beitv2_fast.train import checkpoint as ckpt
 from beitv2_fast.train.config import TrainConfig
-from beitv2_fast.train.distributed import Distributed, init_distributed, shutdown
+from beitv2_fast.train.distributed import Distributed, process_group
 from beitv2_fast.train.loop import Task, TrainData, train
 
 GLOBAL_BATCH = 8
@@ -198,16 +198,15 @@ def main(argv: list[str]) -> None:
     faults = spec.get("faults", {})
     if faults.get("kill_in_save"):
         install_save_kill(*faults["kill_in_save"])
-    world = init_distributed()
     from beitv2_fast.train.metrics import setup_logging
 
-    setup_logging(world)
-    task = toy_task(world, faults, dropout=spec.get("dropout", 0.1))
-    try:
-        train(toy_config(output_dir, **spec.get("config", {})), task, world)
-    finally:
-        torch.save(task.model.state_dict(), os.path.join(output_dir, f"final-rank{world.rank}.pt"))
-        shutdown()
+    with process_group() as world:
+        setup_logging(world)
+        task = toy_task(world, faults, dropout=spec.get("dropout", 0.1))
+        try:
+            train(toy_config(output_dir, **spec.get("config", {})), task, world)
+        finally:
+            torch.save(task.model.state_dict(), os.path.join(output_dir, f"final-rank{world.rank}.pt"))
 
 
 def free_port() -> int:
