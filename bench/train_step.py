@@ -602,7 +602,10 @@ def measure(setup: Setup, providers: list[Provider], options: argparse.Namespace
     Interleaved: all processes live at once and steps go round-robin. Sequential: one process at
     a time. Either way a provider that fails or runs out of time keeps what it measured."""
     log_dir = tempfile.mkdtemp(prefix="beitv2-bench-logs-")
-    groups = [providers] if options.interleave else [[p] for p in providers]
+    if options.interleave:
+        groups = [providers]
+    else:  # the baseline first, so that every row written as it finishes has its ratios
+        groups = [[p] for p in sorted(providers, key=lambda p: p.key != "official")]
     done: list[Worker] = []
     for group in groups:
         workers = []
@@ -647,10 +650,7 @@ def measure(setup: Setup, providers: list[Provider], options: argparse.Namespace
                     _fail(worker, error)
             worker.stop()
         done += workers
-        if not options.interleave:
-            report(setup, workers, options)
-    if options.interleave:
-        report(setup, done, options)
+        report(setup, done, options, new=len(workers), final=len(done) == len(providers))
     if any(w.error for w in done):
         print(f"  the providers' logs are in {log_dir}", file=sys.stderr)
     else:
@@ -708,8 +708,9 @@ def model_name(setup: Setup) -> str:
     return "vqkd_encoder_base_decoder_3x768x12_clip"
 
 
-def report(setup: Setup, workers: list[Worker], options: argparse.Namespace) -> None:
-    """Print, append to the CSV and the Markdown file."""
+def report(setup: Setup, workers: list[Worker], options: argparse.Namespace, *, new: int, final: bool) -> None:
+    """Print the table of the providers measured so far and append the ``new`` last ones to the
+    CSV (a run stopped later keeps them); the whole table goes to the Markdown file when ``final``."""
     rows = rows_of(setup, workers, options)
     head = rows[0]
     kind = "CPU figures" if head["device"].startswith("CPU") else "GPU figures"
@@ -720,8 +721,8 @@ def report(setup: Setup, workers: list[Worker], options: argparse.Namespace) -> 
     )
     print(f"\n{title}\n{_common.format_table(rows, COLUMNS)}\n(speedup and memory relative to {head['baseline']})")
     if options.csv:
-        _common.append_csv(rows, options.csv)
-    if options.markdown:
+        _common.append_csv(rows[-new:], options.csv)
+    if options.markdown and final:
         with open(options.markdown, "a") as f:
             f.write(f"\n**{title}**\n\n{_common.markdown_table(rows, COLUMNS)}\n")
 

@@ -627,16 +627,13 @@ def _batch_chunk(q: torch.Tensor, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(1, 4 * h * n * n))
 
 
-def _probabilities(q, k, bias32, scale, lse=None):
-    """Softmax probabilities of one batch chunk in fp32 (one N x N buffer, updated in place),
-    their log-sum-exp (computed here when not given), and the scaled q."""
+def _scores(q, k, bias32, scale):
+    """Scores ``q k^T * scale + bias`` of one batch chunk in fp32, and the scaled q."""
     q_scaled = q.float() * scale  # the smaller operand
     scores = torch.matmul(q_scaled, k.float().transpose(-2, -1))
     if bias32 is not None:
         scores += bias32
-    if lse is None:
-        lse = torch.logsumexp(scores, dim=-1)
-    return scores.sub_(lse[..., None]).exp_(), lse, q_scaled
+    return scores, q_scaled
 
 
 def _torch_forward(q, k, v, bias, scale, chunk_bytes: int = CPU_CHUNK_BYTES):
@@ -646,8 +643,12 @@ def _torch_forward(q, k, v, bias, scale, chunk_bytes: int = CPU_CHUNK_BYTES):
     step = _batch_chunk(q, chunk_bytes)
     for start in range(0, q.shape[0], step):
         part = slice(start, start + step)
-        probs, lse[part], _ = _probabilities(q[part], k[part], bias32, scale)
-        out[part] = torch.matmul(probs, v[part].float())
+        scores, _ = _scores(q[part], k[part], bias32, scale)
+        row_max = scores.amax(-1, keepdim=True)
+        weights = scores.sub_(row_max).exp_()  # in place: one N x N buffer
+        row_sum = weights.sum(-1, keepdim=True)
+        out[part] = torch.matmul(weights, v[part].float()).div_(row_sum)  # normalise N x Dh, not N x N
+        lse[part] = (row_max + row_sum.log()).squeeze(-1)
     return out, lse
 
 
@@ -659,7 +660,8 @@ def _torch_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, nee
     for start in range(0, q.shape[0], step):
         part = slice(start, start + step)
         kf, vf, dof = k[part].float(), v[part].float(), grad_out[part].float()
-        probs, _, q_scaled = _probabilities(q[part], kf, bias32, scale, lse[part])
+        scores, q_scaled = _scores(q[part], kf, bias32, scale)
+        probs = scores.sub_(lse[part, ..., None]).exp_()
         dv[part] = torch.matmul(probs.transpose(-2, -1), dof)
         # dS = P * (dP - delta), with delta = rowsum(P * dP) = rowsum(dO * O): [N, Dh] work, not [N, N]
         delta = (dof * out[part].float()).sum(-1, keepdim=True)

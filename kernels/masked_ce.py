@@ -593,13 +593,21 @@ def _torch_exp_to_grad(exp_logits, normaliser, safe_target, valid, row_scale):
 
 
 def _torch_accumulate(grad, rows, weight32, start, end, grad_x, grad_weight, grad_bias, compute_grads):
+    """Add one chunk's gradients; the first chunk writes the weight and bias buffers, which start
+    uninitialised (zeroing 25 MB of weight gradient costs as much as a small chunk's product)."""
     need_x, need_weight, need_bias = compute_grads
     if need_x:
         grad_x[start:end] = grad @ weight32
     if need_weight:
-        grad_weight.addmm_(grad.t(), rows.float())
+        if start == 0:
+            torch.mm(grad.t(), rows.float(), out=grad_weight)
+        else:
+            grad_weight.addmm_(grad.t(), rows.float())
     if need_bias:
-        grad_bias += grad.sum(0)
+        if start == 0:
+            torch.sum(grad, 0, out=grad_bias)
+        else:
+            grad_bias += grad.sum(0)
 
 
 def _torch_forward(x, weight, bias, target, ignore_index, reduction, compute_grads, chunk_bytes=None):
@@ -613,7 +621,7 @@ def _torch_forward(x, weight, bias, target, ignore_index, reduction, compute_gra
     lse = x.new_empty(m, dtype=torch.float32)
     loss_rows = x.new_empty(m, dtype=torch.float32)
     correct = torch.zeros(m, device=x.device, dtype=torch.bool)
-    grads = _grad_buffers(x, weight, compute_grads, zeroed=True)
+    grads = _grad_buffers(x, weight, compute_grads, zeroed=m == 0)  # no chunk writes them when m == 0
     in_forward = any(compute_grads)
     if in_forward:
         row_scale = _row_weights(target, ignore_index, reduction, _folds_mean(x.dtype))
@@ -641,7 +649,7 @@ def _torch_backward(x, weight, bias, target, lse, grad_rows, ignore_index, compu
     bias32 = None if bias is None else bias.float()
     valid = target != ignore_index
     safe_target = torch.where(valid, target, 0)
-    grads = _grad_buffers(x, weight, compute_grads, zeroed=True)
+    grads = _grad_buffers(x, weight, compute_grads, zeroed=m == 0)  # no chunk writes them when m == 0
     chunk = _chunk_rows(m, v, 4, CPU_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) if m else 1
     buffer = x.new_empty(chunk, v, dtype=torch.float32)
     for start in range(0, m, chunk):

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import PIL.Image
 import pytest
-from reliability_toy import CPU_ONLY
+from toy_training import CPU_ONLY
 
 SIZE = 40
 BATCH = 5

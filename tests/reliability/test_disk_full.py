@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
-from reliability_toy import ToyNet, losses, toy_config, toy_task
+from toy_training import ToyNet, losses, toy_config, toy_task
 
 from beitv2_fast.train import checkpoint as ckpt
 from beitv2_fast.train.distributed import Distributed

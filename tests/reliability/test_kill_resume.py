@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from reliability_toy import CPU_ONLY, WORKER, ToyNet, logged_rows, losses, toy_config, toy_task
+from toy_training import CPU_ONLY, WORKER, ToyNet, logged_rows, losses, toy_config, toy_task
 
 from beitv2_fast.train import checkpoint as ckpt
 from beitv2_fast.train.distributed import Distributed

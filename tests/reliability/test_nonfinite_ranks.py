@@ -3,7 +3,7 @@ the checkpoint before it stays valid; with --nonfinite skip every rank skips the
 
 import pytest
 import torch
-from reliability_toy import ToyNet, launch_ranks, losses, toy_config
+from toy_training import ToyNet, launch_ranks, losses, toy_config
 
 from beitv2_fast.train import checkpoint as ckpt
 from beitv2_fast.train.distributed import Distributed

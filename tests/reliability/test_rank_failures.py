@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from reliability_toy import CPU_ONLY, WORKER, launch_ranks, losses, toy_config, toy_task
+from toy_training import CPU_ONLY, WORKER, launch_ranks, losses, toy_config, toy_task
 
 from beitv2_fast.train.distributed import Distributed
 from beitv2_fast.train.loop import train

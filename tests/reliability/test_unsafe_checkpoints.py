@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 import torch
-from reliability_toy import toy_config, toy_task
+from toy_training import toy_config, toy_task
 
 from beitv2_fast import cli
 from beitv2_fast.models import BEiT, CheckpointMismatchError, create_model, export_safetensors, load_for_finetuning

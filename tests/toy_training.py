@@ -1,11 +1,12 @@
-"""A toy training run with injectable faults, used in-process and as a worker script.
+"""A toy training run with injectable faults, used in-process and as a worker script by the
+training-loop tests and the reliability suite.
 
-The task is the training loop's own toy (tests/test_train_loop.py): a 3-block MLP with dropout
-(so a resume must restore the RNG), data that is a function of (epoch, batch) only. Faults are
+The task: a 3-block MLP with dropout (so a resume must restore the RNG), data that is a function
+of (epoch, batch) only. Faults are
 keyed by the 0-based optimizer step (carried in each batch), so they hit the same step in a
 resumed run, and by rank and torchrun attempt:
 
-    python tests/reliability/reliability_toy.py OUTPUT_DIR '{"config": {...}, "faults": {...}}'
+    python tests/toy_training.py OUTPUT_DIR '{"config": {...}, "faults": {...}}'
 
 runs one rank (``torchrun`` or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment);
 ``"dropout"`` in the spec sets the model's dropout (0 to compare with a one-process run).
@@ -16,6 +17,7 @@ Faults (all optional):
 - ``nan_grad``: ``[step, rank]``: that rank's gradients are NaN (the loss stays finite).
 - ``die``: ``[step, rank]``: that rank SIGKILLs itself during the step, on torchrun's first
   attempt only (``TORCHELASTIC_RESTART_COUNT``); ``die_always``: on every attempt.
+- ``exit``: ``[step, rank]``: ``SystemExit`` during the step (an in-process run that dies).
 - ``hang``: ``[step, rank]``: that rank sleeps for an hour during the step.
 - ``step_seconds``: sleep this long in every step (to give random kills something to hit).
 - ``kill_in_save``: ``[step, phase]``: SIGKILL during the save of that step's checkpoint, phase
@@ -106,6 +108,8 @@ def toy_task(world: Distributed, faults: dict | None = None, *, dropout: float =
             faults.get("die_always"), step, world.rank
         ):
             _kill_self()
+        if _hits(faults.get("exit"), step, world.rank):
+            raise SystemExit(3)
         if _hits(faults.get("hang"), step, world.rank):
             time.sleep(3600)
         out = model(x)
