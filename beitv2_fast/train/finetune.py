@@ -95,5 +95,4 @@ def build_finetune_task(config: TrainConfig, world: Distributed) -> Task:
         param_groups=lambda m: get_parameter_groups(m, config.weight_decay, layer_decay),
         data=TrainData.from_loader(loader), images_per_batch=config.batch_size,
         flops_per_image=forward if config.task == "linprobe" else 3 * forward, evaluate=evaluate,
-        on_log=lambda m: {"data_skipped": float(loader.num_skipped)},
     )  # fmt: skip

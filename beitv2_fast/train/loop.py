@@ -41,10 +41,13 @@ class TrainData:
         batches_per_epoch: micro-batches per epoch on each rank (identical on every rank).
         batches: ``batches(epoch, start)`` yields the batches of ``epoch`` from index ``start``;
             the same (epoch, index) must give the same batch in a resumed run.
+        num_skipped: optional ``num_skipped()``: unreadable files replaced so far on this rank
+            (logged as ``data_skipped``, summed over the ranks).
     """
 
     batches_per_epoch: int
     batches: Callable[[int, int], Iterator[Any]]
+    num_skipped: Callable[[], int] | None = None
 
     @classmethod
     def from_loader(cls, loader) -> TrainData:
@@ -54,7 +57,7 @@ class TrainData:
             loader.epoch, loader.batches_consumed = epoch, start
             return iter(loader)
 
-        return cls(len(loader), batches)
+        return cls(len(loader), batches, lambda: loader.num_skipped)
 
 
 @dataclasses.dataclass
@@ -268,7 +271,8 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
             extra_values = {"lr": lr}
             if task.on_log is not None:
                 extra_values.update(task.on_log(unwrap(model)))
-            last = logger.write(step, extra_values)
+            totals = {"data_skipped": task.data.num_skipped()} if task.data.num_skipped is not None else None
+            last = logger.write(step, extra_values, totals)
         if step % config.checkpoint_interval == 0 or step == total_steps:
             save(step)
         epoch_done = step % steps_per_epoch == 0

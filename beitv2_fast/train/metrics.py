@@ -104,15 +104,20 @@ class MetricLogger:
         if self.progress is not None:
             self.progress.update(1)
 
-    def write(self, step: int, extra: dict[str, float]) -> dict[str, float]:
-        """Reduce the window over ranks, log it, and start a new window. Returns the values."""
+    def write(self, step: int, extra: dict[str, float], totals: dict[str, float] | None = None) -> dict[str, float]:
+        """Reduce the window over ranks, log it, and start a new window. Returns the values.
+
+        ``extra`` values are logged as rank 0 has them; ``totals`` (per-rank counts) are summed
+        over the ranks, in the same all-reduce as the window's means."""
         elapsed = time.perf_counter() - self.window_start
-        keys = sorted(self.sums)
-        if keys:
-            stacked = all_reduce(torch.stack([self.sums[k] for k in keys]))
-            values = {k: v / (self.steps * self.world.world_size) for k, v in zip(keys, stacked.tolist(), strict=True)}
-        else:
-            values = {}
+        keys, totals = sorted(self.sums), totals or {}
+        values = {}
+        if keys or totals:
+            device = self.sums[keys[0]].device if keys else self.world.device
+            local = [self.sums[k] for k in keys] + [torch.tensor(float(v), device=device) for v in totals.values()]
+            reduced = all_reduce(torch.stack(local)).tolist()
+            values = {k: v / (self.steps * self.world.world_size) for k, v in zip(keys, reduced, strict=False)}
+            values.update(zip(totals, reduced[len(keys) :], strict=True))
         images_per_second = self.steps * self.global_batch / elapsed
         values.update(extra)
         values["images_per_s"] = images_per_second

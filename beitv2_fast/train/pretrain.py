@@ -102,6 +102,5 @@ def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
         param_groups=lambda model: get_parameter_groups(model, config.weight_decay),
         data=TrainData.from_loader(loader), images_per_batch=config.batch_size,
         flops_per_image=pretrain_flops_per_image(student, tokenizer, config.num_mask_patches),
-        on_log=lambda model: {"data_skipped": float(loader.num_skipped)},
         frozen=[tokenizer],
     )  # fmt: skip

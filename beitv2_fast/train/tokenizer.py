@@ -52,6 +52,6 @@ def build_tokenizer_task(config: TrainConfig, world: Distributed) -> Task:
         param_groups=lambda model: get_parameter_groups(model, config.weight_decay),
         data=TrainData.from_loader(loader), images_per_batch=config.batch_size,
         flops_per_image=tokenizer_flops_per_image(tokenizer, config.teacher),
-        on_log=lambda model: {**usage(model), "data_skipped": float(loader.num_skipped)},
+        on_log=usage,
         on_epoch_start=lambda model, epoch: model.quantize.reset_cluster_size(),
     )  # fmt: skip
