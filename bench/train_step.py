@@ -251,20 +251,14 @@ def our_models(setup: Setup) -> dict[str, torch.nn.Module]:
 
 
 def flops_per_image(setup: Setup, models: dict[str, torch.nn.Module]) -> float:
-    from beitv2_fast.train.metrics import vit_forward_flops
-    from beitv2_fast.train.pretrain import pretrain_flops_per_image
+    from beitv2_fast.train.pretrain import pretrain_flops_per_image, tokenizer_forward_flops
     from beitv2_fast.train.tokenizer import tokenizer_flops_per_image
 
     if setup.task == "pretrain":
         return pretrain_flops_per_image(models["student"], models["tokenizer"], setup.num_mask_patches)
     if setup.task == "tokenizer":
         return tokenizer_flops_per_image(models["tokenizer"], "clip")
-    # The tokenizer part of pretrain_flops_per_image: encoder, task layer, codebook similarities.
-    tokenizer = models["tokenizer"]
-    encoder, codes = tokenizer.encoder, tokenizer.quantize.embedding.weight.shape
-    tokens, dim = encoder.patch_embed.num_patches + 1, encoder.embed_dim
-    flops = vit_forward_flops(tokens, dim, len(encoder.blocks))
-    return flops + 2 * (tokens - 1) * (dim * dim + dim * codes[1]) + 2 * (tokens - 1) * codes[0] * codes[1]
+    return tokenizer_forward_flops(models["tokenizer"])
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

@@ -46,6 +46,15 @@ def build_tokenizer(config: TrainConfig) -> torch.nn.Module:
     )  # fmt: skip
 
 
+def tokenizer_forward_flops(tokenizer) -> float:
+    """The frozen tokenizer's forward per image: encoder, task layer and codebook similarities."""
+    encoder = tokenizer.encoder
+    codes, code_dim = tokenizer.quantize.embedding.weight.shape
+    patches, dim = encoder.patch_embed.num_patches, encoder.embed_dim
+    flops = vit_forward_flops(patches + 1, dim, len(encoder.blocks))
+    return flops + 2 * patches * (dim * dim + dim * code_dim) + 2 * patches * codes * code_dim
+
+
 def pretrain_flops_per_image(student, tokenizer, num_mask_patches: int) -> float:
     """Student forward + backward (3x forward), both LM heads, and the tokenizer's forward."""
     tokens = student.patch_embed.num_patches + 1
@@ -54,12 +63,7 @@ def pretrain_flops_per_image(student, tokenizer, num_mask_patches: int) -> float
     forward += 2 * (tokens - 1) * dim * 3 * student.patch_embed.patch_size[0] * student.patch_embed.patch_size[1]
     heads = 2 if len(student.cls_pt_layers) else 1
     forward += heads * 2 * num_mask_patches * dim * student.vocab_size
-    encoder = tokenizer.encoder
-    codes = tokenizer.quantize.embedding.weight.shape
-    tokenizer_forward = vit_forward_flops(encoder.patch_embed.num_patches + 1, encoder.embed_dim, len(encoder.blocks))
-    tokenizer_forward += 2 * (tokens - 1) * (encoder.embed_dim * encoder.embed_dim + encoder.embed_dim * codes[1])
-    tokenizer_forward += 2 * (tokens - 1) * codes[0] * codes[1]
-    return 3 * forward + tokenizer_forward
+    return 3 * forward + tokenizer_forward_flops(tokenizer)
 
 
 def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
