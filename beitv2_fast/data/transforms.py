@@ -192,7 +192,26 @@ class PretrainTransform:
         )
 
 
-class TokenizerTransform:
+class _GeometryThenNormalize:
+    """One view: ``geometry`` (PIL in, PIL out), then uint8 and ``normalize``; with
+    ``uint8_output`` the normalisation is left to :meth:`finish` (on the batch, on the device)."""
+
+    geometry: v2.Compose
+    normalize: Normalize
+    uint8_output: bool
+
+    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
+        out = _to_uint8_tensor(self.geometry(image))
+        return out if self.uint8_output else self.normalize(out)
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        return self.normalize(images)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.geometry}, {self.normalize}, uint8_output={self.uint8_output})"
+
+
+class TokenizerTransform(_GeometryThenNormalize):
     """VQ-KD training: [ColorJitter if > 0] -> random resized crop (bicubic) -> flip -> [0, 1].
 
     Args:
@@ -227,18 +246,8 @@ class TokenizerTransform:
         self.normalize = Normalize()
         self.uint8_output = uint8_output
 
-    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        out = _to_uint8_tensor(self.geometry(image))
-        return out if self.uint8_output else self.normalize(out)
 
-    def finish(self, images: torch.Tensor) -> torch.Tensor:
-        return self.normalize(images)
-
-    def __repr__(self) -> str:
-        return f"TokenizerTransform({self.geometry}, {self.normalize}, uint8_output={self.uint8_output})"
-
-
-class EvalTransform:
+class EvalTransform(_GeometryThenNormalize):
     """Resize the short side to ``int(size / crop_pct)`` and centre-crop ``size``.
 
     ``crop_pct`` defaults to the reference's rule: 224/256 below 384 px, else 1. With
@@ -268,16 +277,6 @@ class EvalTransform:
         )
         self.normalize = Normalize(mean, std)
         self.uint8_output = uint8_output
-
-    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        out = _to_uint8_tensor(self.geometry(image))
-        return out if self.uint8_output else self.normalize(out)
-
-    def finish(self, images: torch.Tensor) -> torch.Tensor:
-        return self.normalize(images)
-
-    def __repr__(self) -> str:
-        return f"EvalTransform({self.geometry}, {self.normalize}, uint8_output={self.uint8_output})"
 
 
 # RandAugment, as timm implements it (timm/data/auto_augment.py), on torchvision v2 functional
