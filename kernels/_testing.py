@@ -120,6 +120,20 @@ class KernelResources:
         )
 
 
+# Shared memory one block may use: sm_80 (A100) 163 KiB, sm_90 (H100/H200) 227 KiB, rounded down.
+SHARED_LIMIT_KIB = {80: 160, 90: 224}
+
+
+def assert_fits_the_sm(resources: list[KernelResources], shared_limit_kib: dict[int, int] = SHARED_LIMIT_KIB) -> None:
+    """No register spills or stack, and shared memory within ``shared_limit_kib[arch]``."""
+    for r in resources:
+        print(r)
+    spilled = [str(r) for r in resources if r.spill_bytes or r.stack_bytes]
+    assert not spilled, "register spills:\n" + "\n".join(spilled)
+    too_big = [str(r) for r in resources if r.shared_bytes > shared_limit_kib[r.spec.arch] * 1024]
+    assert not too_big, "more shared memory than allowed:\n" + "\n".join(too_big)
+
+
 def _cuobjdump() -> str:
     import triton.backends.nvidia as nvidia
 

@@ -492,9 +492,4 @@ def test_shipped_configs_compile_without_spills():
     halves = [specs[0::2], specs[1::2]]  # two compiler processes: the machines have two cores
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         results = [r for part in pool.map(_testing.aot_compile, halves) for r in part]
-    for r in results:
-        print(r)
-    spilled = [str(r) for r in results if r.spill_bytes or r.stack_bytes]
-    assert not spilled, "register spills:\n" + "\n".join(spilled)
-    assert all(r.shared_bytes <= 160 * 1024 for r in results if r.spec.arch == 80)
-    assert all(r.shared_bytes <= 224 * 1024 for r in results)
+    _testing.assert_fits_the_sm(results)

@@ -447,10 +447,4 @@ def _shipped_specs():
 @pytest.mark.aot
 @pytest.mark.slow
 def test_shipped_configs_compile_without_spills():
-    resources = _testing.aot_compile(_shipped_specs())
-    for r in resources:
-        print(r)
-    spilled = [str(r) for r in resources if r.spill_bytes or r.stack_bytes]
-    assert not spilled, "register spills:\n" + "\n".join(spilled)
-    too_big = [str(r) for r in resources if r.shared_bytes > (160 if r.spec.arch == 80 else 224) * 1024]
-    assert not too_big, "more shared memory than the SM has:\n" + "\n".join(too_big)
+    _testing.assert_fits_the_sm(_testing.aot_compile(_shipped_specs()))
