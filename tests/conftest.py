@@ -27,6 +27,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_interpreter)
 
 
+def pytest_generate_tests(metafunc):
+    # A kernel test module names the backends it covers in KERNEL_BACKENDS; every test of it
+    # that takes the `backend` fixture runs once per backend.
+    backends = getattr(metafunc.module, "KERNEL_BACKENDS", None)
+    if backends and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", backends, indirect=True)
+
+
+@pytest.fixture
+def backend(request, device):
+    """The test runs under ``kernels.set_backend(name)``, or is skipped where that backend cannot run."""
+    import kernels
+    from kernels import _dispatch
+
+    name = request.param
+    if name == "cuda" and (device.type != "cuda" or not _dispatch.CUDA_EXTENSION_AVAILABLE):
+        pytest.skip("the CUDA C++ backend needs a GPU and the built extension")
+    if name == "triton" and device.type != "cuda" and not _dispatch.triton_interpret():
+        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
+    with kernels.set_backend(name):
+        yield name
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -7,21 +7,13 @@ import pytest
 import torch
 
 import kernels
-from kernels import _dispatch, _testing, attention, reference
+from kernels import _testing, attention, reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEADS = 2
 # The Triton interpreter runs every program in Python: keep its sequences short (37 still spans
 # three 16-key tiles with a ragged end); the PyTorch path and GPUs take BEiT's own lengths.
 INTERPRETER_SEQ_LENS = (1, 7, 37)
-
-
-def _backend_or_skip(name: str, device: torch.device) -> str:
-    if name == "cuda" and (device.type != "cuda" or not _dispatch.CUDA_EXTENSION_AVAILABLE):
-        pytest.skip("the CUDA C++ backend needs a GPU and the built extension")
-    if name == "triton" and device.type != "cuda" and not _dispatch.triton_interpret():
-        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
-    return name
 
 
 @pytest.fixture(autouse=True)
@@ -31,10 +23,8 @@ def _first_candidate_only(monkeypatch):
     monkeypatch.setattr(attention, "AUTOTUNE", False)
 
 
-@pytest.fixture(params=["torch", "triton", "cuda"])
-def backend(request, device):
-    with kernels.set_backend(_backend_or_skip(request.param, device)):
-        yield request.param
+# Each test taking `backend` runs on each of these (tests/conftest.py).
+KERNEL_BACKENDS = ("torch", "triton", "cuda")
 
 
 def _interpreted(backend: str, device: torch.device) -> bool:

@@ -5,23 +5,13 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import _dispatch, _testing, codebook, reference
+from kernels import _testing, codebook, reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _backend_or_skip(name: str, device: torch.device) -> str:
-    if name == "cuda" and (device.type != "cuda" or not _dispatch.CUDA_EXTENSION_AVAILABLE):
-        pytest.skip("the CUDA C++ backend needs a GPU and the built extension")
-    if name == "triton" and device.type != "cuda" and not _dispatch.triton_interpret():
-        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
-    return name
-
-
-@pytest.fixture(params=["torch", "triton", "cuda"])
-def backend(request, device):
-    with kernels.set_backend(_backend_or_skip(request.param, device)):
-        yield request.param
+# Each test taking `backend` runs on each of these (tests/conftest.py).
+KERNEL_BACKENDS = ("torch", "triton", "cuda")
 
 
 def _unit_codebook(k, d, device, dtype=torch.float32):

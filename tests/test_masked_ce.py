@@ -5,22 +5,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kernels
-from kernels import _dispatch, _testing, masked_ce, reference
+from kernels import _testing, masked_ce, reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IGNORE = -100
-
-
-def _backend_or_skip(name: str, device: torch.device) -> str:
-    if name == "triton" and device.type != "cuda" and not _dispatch.triton_interpret():
-        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
-    return name
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, device):
-    with kernels.set_backend(_backend_or_skip(request.param, device)):
-        yield request.param
+# Each test taking `backend` runs on each of these (tests/conftest.py); there is no CUDA C++ kernel.
+KERNEL_BACKENDS = ("torch", "triton")
 
 
 @pytest.fixture(params=[True, False], ids=["grad-in-forward", "recompute"])
