@@ -6,6 +6,9 @@
         --tokenizer-weight vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth --data-dir /imagenet
     beitv2 finetune --recipe finetune_base_1600e --finetune runs/beitv2/model.safetensors --data-dir /imagenet
     beitv2 linprobe --recipe linprobe_base --finetune runs/beitv2/model.safetensors --data-dir /imagenet
+    torchrun --nproc-per-node 8 -m beitv2_fast segment --recipe seg_ade20k_base \\
+        --finetune beitv2_base_patch16_224_pt1k.pth --data-dir /data/ADEChallengeData2016
+    beitv2 eval --task segment --weights runs/seg/model.safetensors --data-dir /data/ADEChallengeData2016
     beitv2 tokenize --tokenizer-weight vqkd.pth images/*.jpg --output-dir tokens/
     beitv2 convert beitv2_base_patch16_224_pt1k.pth out.safetensors --model beit_base_patch16_224_8k_vocab_cls_pt
     beitv2 env
@@ -18,7 +21,10 @@ import sys
 
 from .train.config import ArgumentParser
 
-TRAINING = {"train-tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "finetune", "linprobe": "linprobe"}
+TRAINING = {
+    "train-tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "finetune", "linprobe": "linprobe",
+    "segment": "segment",
+}  # fmt: skip
 
 
 def run_training(task: str, argv: list[str]) -> dict[str, float]:
@@ -38,6 +44,8 @@ def run_training(task: str, argv: list[str]) -> dict[str, float]:
             from .train.tokenizer import build_tokenizer_task as build
         elif task == "pretrain":
             from .train.pretrain import build_pretrain_task as build
+        elif task == "segment":
+            from .train.segment import build_segment_task as build
         else:
             from .train.finetune import build_finetune_task as build
         return train(config, build(config, world), world)
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "command",
-        choices=["demo", *TRAINING, "tokenize", "convert", "env"],
+        choices=["demo", *TRAINING, "eval", "tokenize", "convert", "env"],
         help="what to run; COMMAND --help for its flags",
     )
     if not argv or argv[0] in ("-h", "--help"):
@@ -168,6 +176,10 @@ def _run_command(command: str, rest: list[str]) -> int:
         return tokenize(rest)
     if command == "convert":
         return convert(rest)
+    if command == "eval":
+        from .train.segment import evaluate_command
+
+        return evaluate_command(rest)
     run_training(TRAINING[command], rest)
     return 0
 

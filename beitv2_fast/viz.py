@@ -1,4 +1,4 @@
-"""Pictures of a run: loss curves, codebook usage, and token maps drawn over the images."""
+"""Pictures of a run: loss curves, codebook usage, token maps and segmentations drawn over the images."""
 
 from __future__ import annotations
 
@@ -87,6 +87,44 @@ def draw_token_maps(images: torch.Tensor, ids: torch.Tensor, num_codes: int, pat
         if grid.numel() <= 64:
             for (y, x), value in np.ndenumerate(grid.numpy()):
                 token_ax.text(x, y, str(value), ha="center", va="center", fontsize=6)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_segmentation(
+    images: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    predictions: Sequence[torch.Tensor],
+    num_classes: int,
+    path: str,
+    *,
+    ignore_index: int = 255,
+    titles: Sequence[str] | None = None,
+) -> None:
+    """One row per image: the image, its ground truth and the prediction drawn over it (one colour
+    per class, half transparent; unlabelled ground-truth pixels are left undrawn).
+
+    Args:
+        images: ``uint8 [3, H, W]`` each (sizes may differ).
+        labels, predictions: ``[H, W]`` class ids each.
+    """
+    colors = _code_colors(num_classes)
+    fig, axes = plt.subplots(len(images), 3, figsize=(3.2 * 3, 2.6 * len(images)), squeeze=False)
+    for row, (image, label, prediction) in enumerate(zip(images, labels, predictions, strict=True)):
+        pixels = image.detach().cpu().permute(1, 2, 0).float().numpy() / 255.0
+        for col, (name, ids) in enumerate((("image", None), ("ground truth", label), ("prediction", prediction))):
+            ax = axes[row, col]
+            ax.axis("off")
+            shown = pixels
+            if ids is not None:
+                ids = ids.detach().cpu().numpy()
+                labelled = (ids != ignore_index)[..., None]
+                tint = colors[np.where(labelled[..., 0], ids, 0) % num_classes]
+                shown = np.where(labelled, 0.5 * pixels + 0.5 * tint, pixels)
+            ax.imshow(shown)
+            ax.set_title(name if titles is None or col else f"{titles[row]}", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

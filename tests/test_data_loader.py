@@ -218,7 +218,7 @@ def test_classification_batches(demo, uint8_output):
 def test_bad_arguments(demo):
     transform = PretrainTransform(32, 16)
     with pytest.raises(ValueError, match="task"):
-        build_loader("segmentation", demo, transform=transform, batch_size=2)
+        build_loader("detection", demo, transform=transform, batch_size=2)
     with pytest.raises(TypeError, match="masking"):
         build_loader("pretrain", demo, transform=transform, batch_size=2)
     with pytest.raises(ValueError, match="backend"):

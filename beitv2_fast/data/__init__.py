@@ -32,10 +32,21 @@ from .loader import (
     Loader,
     PretrainBatch,
     ResumableBatchSampler,
+    SegmentationBatch,
     TokenizerBatch,
     build_loader,
 )
 from .masking import MaskingGenerator, index_to_bool_mask
+from .segmentation import (
+    ADE20K,
+    ADE20K_CLASSES,
+    PhotoMetricDistortion,
+    SegmentationDataset,
+    SegmentationTestTransform,
+    SegmentationTrainTransform,
+    SyntheticSegmentation,
+    build_segmentation_dataset,
+)
 from .transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -49,6 +60,8 @@ from .transforms import (
 )
 
 __all__ = [
+    "ADE20K",
+    "ADE20K_CLASSES",
     "DEMO_PHOTOS",
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
@@ -64,15 +77,22 @@ __all__ = [
     "MaskingGenerator",
     "MixupCutmix",
     "Normalize",
+    "PhotoMetricDistortion",
     "PretrainBatch",
     "PretrainTransform",
     "RandAugment",
     "ResumableBatchSampler",
+    "SegmentationBatch",
+    "SegmentationDataset",
+    "SegmentationTestTransform",
+    "SegmentationTrainTransform",
     "SkippedImage",
+    "SyntheticSegmentation",
     "TokenizerBatch",
     "TokenizerTransform",
     "build_dataset",
     "build_loader",
+    "build_segmentation_dataset",
     "decode_image",
     "index_to_bool_mask",
 ]

@@ -20,6 +20,8 @@ Batches (``NamedTuple``s, on ``device`` when one is given):
 * ``"classification"``: :class:`ClassificationBatch` ``(images [B,3,H,W] float32 normalised,
   targets)``; ``targets`` is ``[B, K]`` float32 soft targets when mixup/cutmix is given, else
   ``[B]`` int64 labels.
+* ``"segmentation"``: :class:`SegmentationBatch` ``(images [B,3,H,W] float32 normalised,
+  labels [B,H,W] int64, 255 where unlabelled)`` from a dataset of (image, mask) pairs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .transforms import MixupCutmix, PretrainTransform
 
 log = logging.getLogger("beitv2_fast")
 
-TASKS = ("pretrain", "tokenizer", "classification")
+TASKS = ("pretrain", "tokenizer", "classification", "segmentation")
 _STATE_VERSION = 1
 # Keep at most this many skipped-file records (the counter keeps counting).
 _MAX_SKIP_RECORDS = 1000
@@ -58,6 +60,11 @@ class TokenizerBatch(NamedTuple):
 class ClassificationBatch(NamedTuple):
     images: torch.Tensor
     targets: torch.Tensor
+
+
+class SegmentationBatch(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
 
 
 class BatchKey(NamedTuple):
@@ -244,6 +251,19 @@ class _ClassificationTask(_Task):
         return ClassificationBatch(images, targets)
 
 
+class _SegmentationTask(_Task):
+    """(image, mask) pairs through a transform that draws from the sample's NumPy generator."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def sample(self, image, mask, rng):
+        return self.transform(image, mask, rng)
+
+    def collate(self, samples):
+        return SegmentationBatch(*(torch.stack(column) for column in zip(*samples, strict=True)))
+
+
 class _BatchDataset(torch.utils.data.Dataset):
     """Wraps the source dataset for the DataLoader: one call builds one whole, seeded batch.
 
@@ -423,13 +443,14 @@ def build_loader(
     """The loader of one task, distributed over ranks, seeded and resumable.
 
     Args:
-        task: "pretrain", "tokenizer" or "classification".
-        dataset: a dataset of ``(RGB PIL image, label)``, e.g. from ``datasets.build_dataset``.
+        task: "pretrain", "tokenizer", "classification" or "segmentation".
+        dataset: a dataset of ``(RGB PIL image, label)``, e.g. from ``datasets.build_dataset``
+            (of ``(image, mask)`` for "segmentation": ``segmentation.build_segmentation_dataset``).
         batch_size: per-rank batch size.
         transform: per-sample transform: :class:`PretrainTransform` for "pretrain";
             :class:`TokenizerTransform` or :class:`EvalTransform` (mean/std None) for
             "tokenizer"; :class:`FinetuneTransform` or :class:`EvalTransform` for
-            "classification". With ``uint8_output=True`` the float conversion (and, for
+            "classification"; ``SegmentationTrainTransform`` for "segmentation". With ``uint8_output=True`` the float conversion (and, for
             fine-tuning, erasing and mixup) runs on ``device`` after the copy.
         masking: the mask generator ("pretrain" only).
         mixup: batch mixup/cutmix with label smoothing ("classification" training only).
@@ -480,6 +501,8 @@ def build_loader(
         spec: _Task = _PretrainTask(transform, masking)
     elif task == "tokenizer":
         spec = _TokenizerTask(transform)
+    elif task == "segmentation":
+        spec = _SegmentationTask(transform)
     else:
         spec = _ClassificationTask(transform, mixup)
     sampler = ResumableBatchSampler(

@@ -4,6 +4,8 @@
 - :class:`BEiTForMaskedImageModeling`: the MIM student with patch aggregation and its loss.
 - :class:`VQKD`, :class:`NormEMAVectorQuantizer`, teachers: the VQ-KD visual tokenizer.
 - :class:`LinearProbe`, :func:`load_for_finetuning`, :func:`get_parameter_groups`: classification.
+- :class:`BEiTUperNet`, :func:`load_segmentation_checkpoint`, :func:`segmentation_loss`: ADE20K-style
+  semantic segmentation (``segmentation``).
 - ``convert``: official / timm / MMPretrain checkpoints, safetensors export.
 
 ``create_model(name, **kwargs)`` builds the reference's names (``list_models()``); with timm
@@ -30,6 +32,7 @@ from .convert import (
 from .pretrain import BEiTForMaskedImageModeling, masked_positions
 from .quantizer import NormEMAVectorQuantizer
 from .registry import create_model, list_models, register_model, register_with_timm_when_available
+from .segmentation import BEiTFeaturePyramid, BEiTUperNet, load_segmentation_checkpoint, segmentation_loss
 from .teachers import CLIPTeacher, DINOTeacher, HOGTeacher, Teacher, build_teacher
 from .vit import BEiT, BEiTBackbone, get_num_layer_for_vit, resample_abs_pos_embed, resize_rel_pos_bias_table
 from .vqkd import VQKD
@@ -39,7 +42,9 @@ register_with_timm_when_available()
 __all__ = [
     "BEiT",
     "BEiTBackbone",
+    "BEiTFeaturePyramid",
     "BEiTForMaskedImageModeling",
+    "BEiTUperNet",
     "CLIPTeacher",
     "CheckpointMismatchError",
     "CheckpointReadError",
@@ -60,10 +65,12 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "load_for_finetuning",
+    "load_segmentation_checkpoint",
     "load_state_dict_file",
     "masked_positions",
     "prepare_finetune_state_dict",
     "register_model",
     "resample_abs_pos_embed",
     "resize_rel_pos_bias_table",
+    "segmentation_loss",
 ]

@@ -257,6 +257,8 @@ def _top_renames(has_lm_head: bool) -> list[tuple[str, str]]:
 
 
 def is_mmpretrain_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    if any(k.startswith("decode_head.") for k in state_dict):  # a segmentor (ours, mmseg's): official names
+        return False
     return any(k.startswith(("backbone.", "neck.")) or re.match(r"encoder\.layers\.\d+\.ln1\.", k) for k in state_dict)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-Task = Literal["tokenizer", "pretrain", "finetune", "linprobe"]
+Task = Literal["tokenizer", "pretrain", "finetune", "linprobe", "segment"]
 
 
 class ConfigError(ValueError):
@@ -49,7 +49,7 @@ class TrainConfig:
     """Everything a run needs; every field is a flag of the same name (``_`` -> ``-``)."""
 
     # -- what to train ----------------------------------------------------------------------
-    task: Task = _f("pretrain", "tokenizer | pretrain | finetune | linprobe")
+    task: Task = _f("pretrain", "tokenizer | pretrain | finetune | linprobe | segment")
     model: str = _f("beit_base_patch16_224_8k_vocab_cls_pt", "model name (beitv2_fast.models.create_model)")
     model_kwargs: dict = _f({}, "extra model constructor arguments, as key=value (e.g. depth=4 embed_dim=192)")
     input_size: int = _f(224, "image size of the model's input")
@@ -96,8 +96,11 @@ class TrainConfig:
     epochs: int = _f(300, "training epochs")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: run all epochs)")
     warmup_epochs: float = _f(10, "linear warmup from 0")
+    warmup_steps: int = _f(0, "linear warmup in optimizer steps; overrides --warmup-epochs when positive")
+    sched: str = _f("cosine", "cosine | poly: the learning-rate schedule after the warmup")
+    poly_power: float = _f(1.0, "exponent of the poly schedule (mmcv's PolyLrUpdaterHook)")
     lr: float = _f(1.5e-3, "peak learning rate (absolute; not rescaled by batch size)")
-    min_lr: float = _f(1e-5, "final learning rate of the cosine schedule")
+    min_lr: float = _f(1e-5, "final learning rate of the schedule")
     weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, tokens, position tables, gammas)")
     opt_betas: list = _f([0.9, 0.98], "AdamW betas")
     opt_eps: float = _f(1e-8, "AdamW eps")
@@ -116,12 +119,12 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "complete checkpoints kept (at least 2: the newest may be in flight)")
     log_interval: int = _f(10, "optimizer steps between log lines")
     log_wandb: bool = _f(False, "also log to Weights & Biases (needs wandb)")
-    eval_interval: int = _f(1, "epochs between evaluations (fine-tuning and linear probing)")
+    eval_interval: int = _f(1, "epochs between evaluations (fine-tuning, linear probing, segmentation)")
 
     def validate(self) -> None:
         """Reject impossible values before any work starts, naming the option (:class:`ConfigError`)."""
         checks = [
-            (self.task in typing.get_args(Task), "--task must be tokenizer, pretrain, finetune or linprobe"),
+            (self.task in typing.get_args(Task), "--task must be tokenizer, pretrain, finetune, linprobe or segment"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
             (self.epochs >= 1 or self.max_steps >= 1, "--epochs or --max-steps must be at least 1"),
@@ -139,6 +142,9 @@ class TrainConfig:
             (self.lr > 0, "--lr must be positive"),
             (0 <= self.min_lr <= self.lr, "--min-lr must lie between 0 and --lr"),
             (self.warmup_epochs >= 0, "--warmup-epochs cannot be negative"),
+            (self.warmup_steps >= 0, "--warmup-steps cannot be negative"),
+            (self.sched in ("cosine", "poly"), "--sched must be cosine or poly"),
+            (self.poly_power > 0, "--poly-power must be positive"),
             (self.weight_decay >= 0, "--weight-decay cannot be negative"),
             (self.clip_grad >= 0, "--clip-grad cannot be negative (0 disables clipping)"),
             (0 <= self.drop_path < 1, "--drop-path must lie in [0, 1)"),
@@ -182,6 +188,10 @@ class TrainConfig:
             raise ConfigError(
                 f"--teacher {self.teacher} needs --teacher-weight: a local checkpoint (never downloaded); "
                 "--teacher hog needs none"
+            )
+        if self.task == "segment" and self.nb_classes > 255:
+            raise ConfigError(
+                f"--nb-classes {self.nb_classes}: segmentation label maps hold 0..254 (255 is unlabelled)"
             )
         if self.task == "linprobe" and not self.finetune:
             raise ConfigError("--finetune is required for linear probing: the pretrained checkpoint to probe")
@@ -270,6 +280,22 @@ RECIPES: dict[str, dict[str, Any]] = {
         task="linprobe", model="beit_base_patch16_224", batch_size=1024, epochs=90, warmup_epochs=10, lr=4e-3,
         min_lr=0.0, weight_decay=0.0, opt_betas=[0.9, 0.999], clip_grad=0.0, mixup=0.0, cutmix=0.0,
         smoothing=0.0, reprob=0.0, linprobe_block=-1, linprobe_pool="mean",
+    ),
+    # ADE20K semantic segmentation with UperNet (beit2/semantic_segmentation configs, spec 6.3):
+    # 160k iterations of 16 images (8 ranks x 2), AdamW, poly decay (power 1) after 1500 linear
+    # warmup iterations, no clipping; evaluation every 13 epochs of ADE20K's 1263 steps (the
+    # reference: every 16k iterations).
+    "seg_ade20k_base": dict(
+        task="segment", model="upernet_beit_base_patch16_512", input_size=512, nb_classes=150, batch_size=2,
+        epochs=0, max_steps=160000, warmup_steps=1500, sched="poly", poly_power=1.0, lr=5e-5, min_lr=0.0,
+        weight_decay=0.05, opt_betas=[0.9, 0.999], clip_grad=0.0, layer_decay=0.75, drop_path=0.15,
+        layer_scale_init_value=0.1, eval_interval=13,
+    ),
+    "seg_ade20k_large": dict(
+        task="segment", model="upernet_beit_large_patch16_512", input_size=512, nb_classes=150, batch_size=2,
+        epochs=0, max_steps=160000, warmup_steps=1500, sched="poly", poly_power=1.0, lr=4e-5, min_lr=0.0,
+        weight_decay=0.05, opt_betas=[0.9, 0.999], clip_grad=0.0, layer_decay=0.9, drop_path=0.2,
+        layer_scale_init_value=1e-6, eval_interval=13,
     ),
 }  # fmt: skip
 

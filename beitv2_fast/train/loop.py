@@ -1,6 +1,6 @@
 """The one training loop, shared by tokenizer training, pretraining, fine-tuning and probing.
 
-A task (``train/tokenizer.py``, ``train/pretrain.py``, ``train/finetune.py``) supplies a
+A task (``train/tokenizer.py``, ``train/pretrain.py``, ``train/finetune.py``, ``train/segment.py``) supplies a
 :class:`Task`: the model, the loss of one batch, the parameter groups, the data and the FLOPs
 of one image. The loop owns everything else: distribution, mixed precision, accumulation,
 clipping, the non-finite check, the schedule, logging, checkpoints and exact resume.
@@ -101,6 +101,18 @@ def cosine_lr(step: int, total: int, warmup: int, base: float, final: float) -> 
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
 
 
+def poly_lr(
+    step: int, total: int, warmup: int, base: float, final: float, power: float = 1.0, warmup_ratio: float = 1e-6
+) -> float:
+    """mmcv's ``poly`` policy with linear warmup, per step (the reference's segmentation schedule):
+    ``(base - final) * (1 - step / total) ** power + final``, multiplied during the first
+    ``warmup`` steps by ``1 - (1 - step / warmup) * (1 - warmup_ratio)``."""
+    lr = (base - final) * (1.0 - step / total) ** power + final
+    if step < warmup:
+        lr *= 1.0 - (1.0 - step / warmup) * (1.0 - warmup_ratio)
+    return lr
+
+
 def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed(seed + rank)
@@ -170,7 +182,7 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps) if config.epochs else config.max_steps
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    warmup_steps = config.warmup_steps or round(config.warmup_epochs * steps_per_epoch)
     global_batch = task.images_per_batch * config.grad_accum_steps * world.world_size
 
     checkpoint_root = os.path.join(config.output_dir, "checkpoints")
@@ -217,7 +229,10 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
             batches = task.data.batches(epoch, step_in_epoch * config.grad_accum_steps)
             if task.on_epoch_start is not None and step_in_epoch == 0:
                 task.on_epoch_start(unwrap(model), epoch)
-        lr = cosine_lr(step, total_steps, warmup_steps, config.lr, config.min_lr)
+        if config.sched == "poly":
+            lr = poly_lr(step, total_steps, warmup_steps, config.lr, config.min_lr, config.poly_power)
+        else:
+            lr = cosine_lr(step, total_steps, warmup_steps, config.lr, config.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
