@@ -50,24 +50,30 @@ ADE20K_CLASSES = (
 ADE20K_SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 
 
+class LabelMapError(RuntimeError):
+    """A label map that contradicts the data set's settings (an RGB mask, class ids beyond
+    ``num_classes``): raised, never skipped like an unreadable file, since the settings are wrong."""
+
+
 def decode_mask(path: str | os.PathLike) -> np.ndarray:
     """A label map file as ``uint8 [H, W]``: grayscale or palette PNG indices, read unchanged."""
     with PIL.Image.open(path) as mask:
         mask.load()
         if mask.mode not in ("L", "P", "I", "I;16", "1"):
-            raise ValueError(
+            raise LabelMapError(
                 f"{os.fspath(path)}: a label map must be a single-channel (L or P mode) image of class ids; got mode "
                 f"{mask.mode}"
             )
         values = np.asarray(mask)
     if values.max(initial=0) > 255:
-        raise ValueError(f"{os.fspath(path)}: class ids above 255 do not fit the uint8 label maps")
+        raise LabelMapError(f"{os.fspath(path)}: class ids above 255 do not fit the uint8 label maps")
     return values.astype(np.uint8)
 
 
 def reduce_zero_label(mask: np.ndarray) -> np.ndarray:
-    """mmseg's ``reduce_zero_label``: 0 (unlabelled) becomes 255, every other id ``k`` becomes ``k - 1``."""
-    return np.where(mask == 0, IGNORE_INDEX, mask.astype(np.int16) - 1).astype(np.uint8)
+    """mmseg's ``reduce_zero_label``: 0 (unlabelled) becomes 255, ids ``1..254`` become ``k - 1``,
+    255 stays 255."""
+    return np.where((mask == 0) | (mask == IGNORE_INDEX), IGNORE_INDEX, mask.astype(np.int16) - 1).astype(np.uint8)
 
 
 class SegmentationDataset(ImageDataset):
@@ -76,8 +82,8 @@ class SegmentationDataset(ImageDataset):
     Args:
         image_dir, mask_dir: the folders (searched recursively; pairs match by relative path
             without extension).
-        num_classes: number of classes; any mask value at or above it other than 255 is an error
-            naming the file.
+        num_classes: number of classes; any mask value at or above it other than 255 is a
+            :class:`LabelMapError` naming the file.
         reduce_zero_label: the mask files use 0 for "unlabelled" and ``1..num_classes`` for the
             classes (ADE20K).
         mask_suffix: the masks' extension (".png").
@@ -148,10 +154,11 @@ class SegmentationDataset(ImageDataset):
 
 
 def check_labels(mask: np.ndarray, num_classes: int, where: str) -> np.ndarray:
-    """``mask`` unchanged, or a ``ValueError`` naming ``where`` if it holds ids >= ``num_classes`` besides 255."""
+    """``mask`` unchanged, or a :class:`LabelMapError` naming ``where`` if it holds ids >= ``num_classes``
+    besides 255."""
     bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
     if bad.any():
-        raise ValueError(
+        raise LabelMapError(
             f"{where}: label {int(mask[bad].max())} is not a class of 0..{num_classes - 1} nor 255 (ignored); "
             "check --nb-classes and whether the masks use 0 for 'unlabelled' (reduce_zero_label)"
         )

@@ -459,6 +459,10 @@ def _pad_to(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
 
+class WindowSizeError(ValueError):
+    """An input larger than the window the relative position tables were built for."""
+
+
 def fixed_size_forward(model: BEiTUperNet) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model.encode_decode`` for inputs up to the model's input size: smaller ones are zero-padded
     at the bottom and right (after normalisation, as mmseg's ``Pad``) and the logits cropped back.
@@ -469,7 +473,7 @@ def fixed_size_forward(model: BEiTUperNet) -> Callable[[torch.Tensor], torch.Ten
     def forward(images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
         if height > window[0] or width > window[1]:
-            raise ValueError(
+            raise WindowSizeError(
                 f"input {height}x{width} is larger than the model's {window[0]}x{window[1]} window; use slide "
                 "inference (mode='slide') or model.backbone.set_input_size(...) first"
             )

@@ -111,6 +111,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics): per-rank BatchNorm lets them
+    drift apart between DDP's broadcasts at each forward, and a checkpoint, an evaluation or an
+    export must see one model. Statistics and counters only: index tables (``relative_position_index``)
+    never change. A no-op without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for buffer in unwrap(model).buffers():
+        if type(buffer).__name__ != "DTensor" and (buffer.is_floating_point() or buffer.numel() == 1):
+            dist.broadcast(buffer, src=0)
+
+
 def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks: members of every ``nn.ModuleList`` in the model."""
     return [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_output_dir, save_config
-from .distributed import Distributed, all_reduce, choose_parallel, parallelize, unwrap
+from .distributed import Distributed, all_reduce, broadcast_buffers, choose_parallel, parallelize, unwrap
 from .metrics import MetricLogger, log
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -213,6 +213,7 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
     )  # fmt: skip
 
     def save(at_step: int) -> None:
+        broadcast_buffers(model)
         if scaler is not None:
             extra["scaler_scale"].fill_(scaler.get_scale())
         ckpt.save_checkpoint(
@@ -293,9 +294,11 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
         epoch_done = step % steps_per_epoch == 0
         if task.evaluate is not None and epoch_done and ((step // steps_per_epoch) % config.eval_interval == 0):
             model.eval()
+            broadcast_buffers(model)
             logger.scalars("eval", step, task.evaluate(model, step))
             model.train()
 
+    broadcast_buffers(model)
     if task.on_end is not None:
         task.on_end(model, config.output_dir)
     ckpt.export_safetensors(model, os.path.join(config.output_dir, "model.safetensors"), world)

@@ -31,9 +31,10 @@ from torch.distributed.tensor import DTensor
 
 from ..data import SegmentationTestTransform, SegmentationTrainTransform, build_loader, build_segmentation_dataset
 from ..data.segmentation import IGNORE_INDEX
-from ..models import create_model, get_parameter_groups
+from ..models import create_model, get_parameter_groups, list_models
 from ..models.segmentation import (
     BEiTUperNet,
+    WindowSizeError,
     convert_sync_batchnorm,
     fixed_size_forward,
     load_segmentation_checkpoint,
@@ -126,9 +127,9 @@ class SegmentationMetrics:
         names = list(class_names) if class_names is not None else [f"class {i}" for i in range(self.num_classes)]
         per_class = self.per_class()
         width = max(len("Class"), *(len(n) for n in names))
-        lines = [f"| {'Class':<{width}} |   IoU |   Acc |", f"|{'-' * (width + 2)}|-------|-------|"]
+        lines = [f"| {'Class':<{width}} |    IoU |    Acc |", f"|{'-' * (width + 2)}|--------|--------|"]
         for name, iou, acc in zip(names, per_class["iou"], per_class["acc"], strict=True):
-            lines.append(f"| {name:<{width}} | {100 * iou:5.2f} | {100 * acc:5.2f} |")
+            lines.append(f"| {name:<{width}} | {100 * iou:6.2f} | {100 * acc:6.2f} |")
         summary = self.summary()
         lines.append("  ".join(f"{k} {v:.2f}" for k, v in summary.items()))
         return "\n".join(lines)
@@ -155,9 +156,7 @@ class _EvalSamples(torch.utils.data.Dataset):
     def __getitem__(self, position: int):
         index = self.indices[position]
         image, mask = self.dataset.load(index)
-        original = (
-            torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous() if index < self.keep_images else None
-        )
+        original = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous() if index < self.keep_images else None
         return index, self.transform(image), torch.from_numpy(np.ascontiguousarray(mask)).long(), original
 
 
@@ -277,14 +276,20 @@ def segmentation_flops_per_image(model: BEiTUperNet, training: bool = True) -> f
     return 3 * flops
 
 
+def check_segmentation_model(name: str) -> None:
+    if name not in list_models("upernet_*"):
+        raise ConfigError(
+            f"--model {name} is not a segmentation model; choose one of {', '.join(list_models('upernet_*'))}"
+        )
+
+
 def build_segmentor(config: TrainConfig, num_classes: int) -> BEiTUperNet:
     """The UperNet model of ``--model`` at ``--input-size``, with ``--finetune`` weights if given."""
+    check_segmentation_model(config.model)
     model = create_model(
         config.model, img_size=config.input_size, num_classes=num_classes, drop_path_rate=config.drop_path,
         init_values=config.layer_scale_init_value or None, **config.model_kwargs,
     )  # fmt: skip
-    if not isinstance(model, BEiTUperNet):
-        raise ConfigError(f"--model {config.model} is not a segmentation model (use upernet_beit_*)")
     if config.finetune:
         unused = load_segmentation_checkpoint(model, config.finetune)
         log.info("loaded %s (%d entries unused: %s)", config.finetune, len(unused), ", ".join(unused[:8]))
@@ -307,9 +312,15 @@ def segment_datasets(config: TrainConfig):
 def build_segment_task(config: TrainConfig, world: Distributed) -> Task:
     config.validate()
     train_set, val_set = segment_datasets(config)
+    sync_bn = world.enabled and world.device.type == "cuda"  # the official SyncBN (gloo on CPUs has none)
+    if config.batch_size < 2 and not sync_bn:
+        raise ConfigError(
+            f"--batch-size {config.batch_size}: the heads' BatchNorm (the 1x1 pyramid pooling above all) needs at "
+            "least 2 images per rank, or SyncBN over several GPUs"
+        )
     model = build_segmentor(config, config.nb_classes)
-    if world.enabled and world.device.type == "cuda":
-        model = convert_sync_batchnorm(model)  # the official SyncBN (gloo on CPUs has none)
+    if sync_bn:
+        model = convert_sync_batchnorm(model)
     transform = SegmentationTrainTransform(config.input_size, scale=(4 * config.input_size, config.input_size))
     loader = build_loader(
         "segmentation", train_set, batch_size=config.batch_size, transform=transform, seed=config.seed,
@@ -399,17 +410,19 @@ def evaluate_command(argv: list[str]) -> int:
     dataset = build_segmentation_dataset(args.data_dir, args.split, num_classes=args.nb_classes)
     if dataset.num_classes != args.nb_classes:
         raise ConfigError(f"--nb-classes {args.nb_classes} differs from the {dataset.num_classes} classes of the data")
+    check_segmentation_model(args.model)
     model = create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes, **extra)
-    if not isinstance(model, BEiTUperNet):
-        raise ConfigError(f"--model {args.model} is not a segmentation model (use upernet_beit_*)")
     load_segmentation_checkpoint(model, args.weights)
     with process_group() as world:
         setup_logging(world)
-        metrics = evaluate_segmentation(
-            model.to(world.device), dataset, world, mode=args.mode, stride=args.stride or None, ratios=args.scales,
-            flip=args.flip, amp_dtype=AMP_DTYPES[args.amp_dtype], num_workers=args.num_workers,
-            max_images=args.max_images, picture=os.path.join(args.output_dir, "predictions.png"),
-        )  # fmt: skip
+        try:
+            metrics = evaluate_segmentation(
+                model.to(world.device), dataset, world, mode=args.mode, stride=args.stride or None,
+                ratios=args.scales, flip=args.flip, amp_dtype=AMP_DTYPES[args.amp_dtype], num_workers=args.num_workers,
+                max_images=args.max_images, picture=os.path.join(args.output_dir, "predictions.png"),
+            )  # fmt: skip
+        except WindowSizeError as exc:
+            raise ConfigError(f"--mode {args.mode}: {exc}") from None
         if world.is_main:
             print(metrics.table(dataset.classes))
             per_class = metrics.per_class()
