@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .classifier import prepare_finetune_state_dict
 from .convert import CheckpointMismatchError, fill_derived_buffers, load_state_dict_file, unwrap_state_dict
 from .registry import register_model
-from .vit import SIZES, BEiTBackbone, rescale_residual_projections, trunc_normal_
+from .vit import SIZES, BEiTBackbone
 
 IGNORE_INDEX = 255
 
@@ -81,24 +81,7 @@ class BEiTFeaturePyramid(BEiTBackbone):
             self.fpn4 = nn.Sequential(nn.MaxPool2d(kernel_size=4, stride=4))
         else:
             raise ValueError(f"the feature pyramid needs patch size 16 or 8 (as the reference); got {patch}")
-        self.init_weights()
-
-    def init_weights(self, std: float = 0.02) -> None:
-        """The reference backbone's initialisation: Linear weights and the class token from a
-        normal(0, 0.02) truncated at +-2 (timm's function), zero biases, unit LayerNorms, residual
-        projections rescaled by ``sqrt(2 l)``; convolutions keep PyTorch's initialisation."""
-        for tensor in (self.cls_token, self.pos_embed):
-            if tensor is not None:
-                trunc_normal_(tensor.data, std, 2.0)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight.data, std, 2.0)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        rescale_residual_projections(self.blocks)
+        self.init_transformer_weights()  # the reference backbone's: Linear/LayerNorm/tokens, not the convolutions
 
     strides = (4, 8, 16, 32)  # output stride of each level, for both patch sizes
 

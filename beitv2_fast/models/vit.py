@@ -482,6 +482,24 @@ class BEiTBackbone(nn.Module):
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable
 
+    def init_transformer_weights(self, std: float = 0.02) -> None:
+        """The reference's fine-tuning (and segmentation) initialisation: tokens, ``pos_embed`` and
+        Linear weights from a normal(0, ``std``) truncated at +-2 (timm's function, practically
+        untruncated), zero biases, unit LayerNorms, ``fix_init_weight``'s rescaled residual
+        projections; convolutions keep PyTorch's initialisation."""
+        for tensor in (self.pos_embed, self.cls_token, self.mask_token):
+            if tensor is not None:
+                trunc_normal_(tensor.data, std, 2.0)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight.data, std, 2.0)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        rescale_residual_projections(self.blocks)
+
     # -- forward pieces -------------------------------------------------------------------------
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         source = self.patch_embed.grid_size
@@ -593,18 +611,7 @@ class BEiT(BEiTBackbone):
         self.init_weights(init_scale)
 
     def init_weights(self, init_scale: float = 0.001, std: float = 0.02) -> None:
-        for tensor in (self.pos_embed, self.cls_token, self.mask_token):
-            if tensor is not None:
-                trunc_normal_(tensor.data, std, 2.0)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight.data, std, 2.0)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        rescale_residual_projections(self.blocks)
+        self.init_transformer_weights(std)
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(init_scale)
