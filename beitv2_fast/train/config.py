@@ -86,7 +86,11 @@ class TrainConfig:
     linprobe_block: int = _f(-1, "linear probe: block whose output is probed (-1: the last)")
     linprobe_pool: str = _f("mean", "linear probe pooling: mean | cls")
     # -- data -------------------------------------------------------------------------------
-    data_dir: str = _f("", "image folder (ImageNet layout, or flat for pretraining); empty: built-in demo images")
+    data_dir: str = _f(
+        "",
+        "image folder (ImageNet layout, or flat for pretraining; ADE20K or images/ + annotations/ "
+        "for segmentation); empty: the built-in demo images (segmentation: synthetic scenes)",
+    )
     eval_data_dir: str = _f("", "validation folder for fine-tuning and linear probing")
     num_workers: int = _f(4, "data loader worker processes per rank")
     data_backend: str = _f("pil", "pil | dali (GPU JPEG decoding, when nvidia-dali is installed)")
@@ -191,7 +195,8 @@ class TrainConfig:
             )
         if self.task == "segment" and self.nb_classes > 255:
             raise ConfigError(
-                f"--nb-classes {self.nb_classes}: segmentation label maps hold 0..254 (255 is unlabelled)"
+                f"--nb-classes {self.nb_classes}: segmentation label maps hold 0..254 (255 is unlabelled); "
+                "ADE20K has 150 classes, the built-in synthetic set 4"
             )
         if self.task == "linprobe" and not self.finetune:
             raise ConfigError("--finetune is required for linear probing: the pretrained checkpoint to probe")
@@ -204,7 +209,7 @@ class TrainConfig:
                 raise ConfigError(f"{option} {path!r}: no such file (weights are never downloaded)")
         folders = {"--data-dir": self.data_dir, "--eval-data-dir": self.eval_data_dir}
         for option, path in folders.items():
-            if path and path != "demo" and not os.path.isdir(path):
+            if path and path not in ("demo", "synthetic") and not os.path.isdir(path):
                 raise ConfigError(f"{option} {path!r}: no such folder")
         if self.resume not in ("auto", "none", "") and not os.path.isdir(self.resume):
             raise ConfigError(f"--resume {self.resume!r}: no such checkpoint folder (or use auto / none)")

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from ..data import SegmentationTestTransform, SegmentationTrainTransform, build_loader, build_segmentation_dataset
 from ..data.segmentation import IGNORE_INDEX
-from ..models import create_model, get_parameter_groups, list_models
+from ..models import create_model, get_parameter_groups, list_models, load_state_dict_file
 from ..models.segmentation import (
     BEiTUperNet,
     WindowSizeError,
@@ -296,11 +296,19 @@ def build_segmentor(config: TrainConfig, num_classes: int) -> BEiTUperNet:
     return model
 
 
+def open_segmentation_dataset(option: str, data_dir: str, split: str, num_classes: int | None):
+    """:func:`build_segmentation_dataset`, its errors as a :class:`ConfigError` naming ``option``."""
+    try:
+        return build_segmentation_dataset(data_dir, split, num_classes=num_classes)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"{option} {data_dir}: {exc}") from None
+
+
 def segment_datasets(config: TrainConfig):
     """The training and validation sets of ``--data-dir`` / ``--eval-data-dir`` (default: synthetic)."""
     train_dir = config.data_dir or "synthetic"
-    train_set = build_segmentation_dataset(train_dir, "train", num_classes=config.nb_classes)
-    val_set = build_segmentation_dataset(config.eval_data_dir or train_dir, "val", num_classes=config.nb_classes)
+    train_set = open_segmentation_dataset("--data-dir", train_dir, "train", config.nb_classes)
+    val_set = open_segmentation_dataset("--eval-data-dir", config.eval_data_dir or train_dir, "val", config.nb_classes)
     for split, dataset in (("training", train_set), ("validation", val_set)):
         if dataset.num_classes != config.nb_classes:
             raise ConfigError(
@@ -375,7 +383,8 @@ def eval_parser(prog: str = "beitv2 eval") -> argparse.ArgumentParser:
         "--data-dir", default="synthetic", help="ADE20K root, images/+annotations/ folders, or synthetic"
     )
     parser.add_argument("--split", default="val", help="split to evaluate (val)")
-    parser.add_argument("--nb-classes", type=int, default=150, help="number of classes (150 for ADE20K)")
+    parser.add_argument("--nb-classes", type=int, default=0,
+                        help="number of classes (default: the data set's, 150 for ADE20K; needed for folder pairs)")  # fmt: skip
     parser.add_argument("--input-size", type=int, default=512, help="the model's window (crop) size")
     parser.add_argument("--mode", choices=["slide", "whole"], default="slide", help="slide (official) or whole")
     parser.add_argument("--stride", type=int, default=0, help="slide stride (default: 2/3 of the input size, 341)")
@@ -401,18 +410,18 @@ def evaluate_command(argv: list[str]) -> int:
         extra = _parse_key_values(args.model_kwargs, "--model-kwargs")
     except ValueError as exc:
         parser.error(str(exc))
-    for option, value in (("--input-size", args.input_size), ("--nb-classes", args.nb_classes)):
-        if value < 1:
-            parser.error(f"{option} must be at least 1")
+    if args.input_size < 1 or args.nb_classes < 0:
+        parser.error("--input-size must be at least 1 and --nb-classes cannot be negative")
     if args.stride < 0 or args.max_images < 0 or args.num_workers < 0 or min(args.scales) <= 0:
         parser.error("--stride, --max-images and --num-workers cannot be negative; --scales must be positive")
     check_output_dir(args.output_dir)
-    dataset = build_segmentation_dataset(args.data_dir, args.split, num_classes=args.nb_classes)
-    if dataset.num_classes != args.nb_classes:
-        raise ConfigError(f"--nb-classes {args.nb_classes} differs from the {dataset.num_classes} classes of the data")
     check_segmentation_model(args.model)
-    model = create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes, **extra)
-    load_segmentation_checkpoint(model, args.weights)
+    weights = load_state_dict_file(args.weights, unwrap=False)  # a bad file fails before the data is read
+    dataset = open_segmentation_dataset("--data-dir", args.data_dir, args.split, args.nb_classes or None)
+    if args.nb_classes and dataset.num_classes != args.nb_classes:
+        raise ConfigError(f"--nb-classes {args.nb_classes} differs from the {dataset.num_classes} classes of the data")
+    model = create_model(args.model, img_size=args.input_size, num_classes=dataset.num_classes, **extra)
+    load_segmentation_checkpoint(model, weights)
     with process_group() as world:
         setup_logging(world)
         try:
