@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-command GPU suite: build, the `cuda` tests, the training step against the reference,
-# the kernels at the pretraining shapes, then the kernel tests on the GPU with what time is left.
+# the segmentation step, the kernels at the pretraining shapes, then the kernel tests on the GPU
+# with what time is left.
 #
 #   bash bench/gpu_suite.sh              # on one GPU, in the repository root, in under 9 minutes
 #   bash bench/gpu_suite.sh --dry-run    # the same steps on the CPU with tiny shapes (or BEITV2_GPU_SUITE_CPU=1)
@@ -155,6 +156,16 @@ run_step "training step: pretraining" 210 \
 run_step "training step: tokenizer forward and tokenizer training" 90 \
     "$PY" bench/train_step.py --task tokenize tokenizer --batch "${TOKENIZER_BATCHES[@]}" "${TRAIN_ARGS[@]}" \
     "${TRAIN_COMMON[@]}"
+
+# 3b. The segmentation step (ViT-B + UperNet at 512 px, 1025 tokens): ours against the same model
+#     with SDPA float-mask attention (the official mmseg stack does not install on current torch).
+if [ "$DRY" = 1 ]; then
+    SEGMENT_ARGS=(--model tiny --seg-img-size 64 --seg-batch 2 --warmup 1 --steps 2)
+else
+    SEGMENT_ARGS=(--model base --seg-img-size 512 --seg-batch 8 --warmup 3 --steps 10)
+fi
+run_step "training step: segmentation" 90 \
+    "$PY" bench/train_step.py --task segment --providers ours ours-sdpa "${SEGMENT_ARGS[@]}" "${TRAIN_COMMON[@]}"
 
 # 4. The kernels at the pretraining shapes (ViT-B, batch 256).
 if [ "$DRY" = 1 ]; then

@@ -15,6 +15,12 @@ Steps (``--task``):
   encoder, task layer and codebook lookup (ours: the fused lookup; the official: its quantizer).
 - ``tokenizer``: one VQ-KD training step: the frozen CLIP ViT-B/16 teacher's forward, the
   tokenizer's encoder, quantizer and decoder forward and backward, the AdamW step.
+- ``segment``: one ADE20K fine-tuning step: BEiT + UperNet (``upernet_beit_{model}_patch16_512``,
+  ``--seg-img-size`` 512, 1025 tokens, ``--seg-batch`` 8 per GPU) forward and backward with both
+  heads' losses on random labels (drop path 0, see ``build_ours_segment``), the AdamW step with
+  layer-wise lr decay. Providers: ``ours``,
+  ``ours-torch``, ``ours-bf16`` and ``ours-sdpa``, the baseline: the same model whose attention is
+  SDPA with the relative position bias as a float mask (what timm's BEiT does).
 
 Providers (``--providers``):
 
@@ -75,14 +81,16 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's `kernels` first
 import _common  # noqa: E402
 
-TASKS = ("pretrain", "tokenize", "tokenizer")
-PROVIDERS = ("ours", "ours-torch", "ours-bf16", "official", "timm")
+TASKS = ("pretrain", "tokenize", "tokenizer", "segment")
+PROVIDERS = ("ours", "ours-torch", "ours-bf16", "official", "timm", "ours-sdpa")
 NUM_CLASSES = 1000  # the timm backbone's classifier
 # Optimizer settings of the official recipes (PRETRAINING.md / TOKENIZER.md; beitv2_fast RECIPES).
 RECIPE = {
     "pretrain": {"lr": 1.5e-3, "weight_decay": 0.05, "opt_betas": [0.9, 0.98], "clip_grad": 3.0},
     "tokenizer": {"lr": 2e-4, "weight_decay": 1e-4, "opt_betas": [0.9, 0.99], "clip_grad": 0.0},
+    "segment": {"lr": 5e-5, "weight_decay": 0.05, "opt_betas": [0.9, 0.999], "clip_grad": 0.0},
 }
+SEGMENT_CLASSES = 150  # ADE20K
 COLUMNS = ["provider", "step_ms", "step_ms_p20", "step_ms_p80", "step_ms_min", "images_per_s", "mfu_pct"]
 COLUMNS += ["cpu_s_per_image", "peak_mem_MiB"]
 COLUMNS += ["speedup", "memory_vs_baseline", "note"]
@@ -276,6 +284,8 @@ def build_ours(setup: Setup, provider: Provider, device: torch.device):
     from beitv2_fast.train.distributed import Distributed
 
     kernels.set_backend("torch" if provider.key == "ours-torch" else "auto")
+    if setup.task == "segment":
+        return build_ours_segment(setup, provider, device)
     models = our_models(setup)
     inputs = make_inputs(setup, device)
     if setup.task == "tokenize":
@@ -316,6 +326,75 @@ def build_ours(setup: Setup, provider: Provider, device: torch.device):
             model=trained, loss=loss, param_groups=lambda model: get_parameter_groups(model, config.weight_decay),
             data=loop.TrainData(10**9, lambda epoch, start: feed), images_per_batch=setup.batch,
             flops_per_image=info["flops_per_image"], frozen=frozen,
+        )  # fmt: skip
+        try:
+            loop.train(config, task, Distributed(device=device))
+        finally:
+            shutil.rmtree(output_dir, ignore_errors=True)
+
+    return batch, info, run
+
+
+def sdpa_relpos_attention(q, k, v, bias, scale=None, **unused):
+    """``kernels.relpos_attention`` as SDPA with the bias as a float mask (the baseline)."""
+    mask = None if bias is None else bias.to(q.dtype).unsqueeze(0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def build_ours_segment(setup: Setup, provider: Provider, device: torch.device):
+    """The segmentation step on our loop (``beitv2_fast.train.segment``'s loss and groups); for
+    ``ours-sdpa`` every ``kernels.relpos_attention`` call of the process is SDPA with a float mask,
+    checked by an eager forward before the loop starts (the label must hold)."""
+    import kernels
+    from beitv2_fast.models import create_model, get_parameter_groups
+    from beitv2_fast.models.segmentation import segmentation_loss
+    from beitv2_fast.models.vit import SIZES
+    from beitv2_fast.train import loop
+    from beitv2_fast.train.config import TrainConfig
+    from beitv2_fast.train.distributed import Distributed
+    from beitv2_fast.train.segment import segmentation_flops_per_image
+
+    torch.manual_seed(setup.seed)
+    # Drop path 0: with the recipe's per-block rates Dynamo compiles every block on its own (the
+    # rate is specialised); the rate changes no matmul, only which samples a block adds.
+    kwargs = {"img_size": setup.img_size, "drop_path_rate": 0.0}
+    if setup.model in ("base", "large"):
+        model = create_model(f"upernet_beit_{setup.model}_patch16_512", **kwargs)
+    else:  # the base recipe's geometry at another width
+        width = SIZES[setup.model]["embed_dim"]
+        model = create_model("upernet_beit_base_patch16_512", channels=width, **SIZES[setup.model], **kwargs)
+    if provider.key == "ours-sdpa":
+        calls = []
+        kernels.relpos_attention = lambda *args, **kwargs: calls.append(1) or sdpa_relpos_attention(*args, **kwargs)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, setup.img_size, setup.img_size))
+        if not calls:
+            raise RuntimeError("the SDPA baseline is not in effect: the model never called kernels.relpos_attention")
+        kernels.relpos_attention = sdpa_relpos_attention
+        model.train()
+    generator = torch.Generator().manual_seed(setup.seed)
+    shape = (setup.batch, setup.img_size, setup.img_size)
+    labels = torch.randint(0, SEGMENT_CLASSES, shape, generator=generator)
+    labels[torch.rand(shape, generator=generator) < 0.1] = 255  # ADE20K's unlabelled pixels
+    batch = (torch.randn(setup.batch, 3, *shape[1:], generator=generator).to(device), labels.to(device))
+    info = {"flops_per_image": segmentation_flops_per_image(model)}
+    output_dir = tempfile.mkdtemp(prefix="beitv2-bench-")
+    config = TrainConfig(
+        task="segment", model=model_name(setup), amp_dtype="bfloat16" if provider.precision == "bf16" else "float32",
+        torchcompile=provider.key != "ours-torch", parallel="none", output_dir=output_dir, resume="none", epochs=1,
+        warmup_epochs=0, checkpoint_interval=10**9, batch_size=setup.batch, nb_classes=SEGMENT_CLASSES,
+        **RECIPE["segment"],
+    )  # fmt: skip
+
+    def loss(model, batch):  # beitv2_fast/train/segment.py
+        images, labels = batch
+        return segmentation_loss(model(images), labels)
+
+    def run(feed: StepFeed) -> None:
+        task = loop.Task(
+            model=model, loss=loss, param_groups=lambda m: get_parameter_groups(m, config.weight_decay, 0.75),
+            data=loop.TrainData(10**9, lambda epoch, start: feed), images_per_batch=setup.batch,
+            flops_per_image=info["flops_per_image"],
         )  # fmt: skip
         try:
             loop.train(config, task, Distributed(device=device))
@@ -490,6 +569,7 @@ BUILDERS: dict[str, Callable] = {
     "ours-bf16": build_ours,
     "official": build_official,
     "timm": build_timm,
+    "ours-sdpa": build_ours,
 }
 
 
@@ -599,7 +679,7 @@ def measure(setup: Setup, providers: list[Provider], options: argparse.Namespace
     if options.interleave:
         groups = [providers]
     else:  # the baseline first, so that every row written as it finishes has its ratios
-        groups = [[p] for p in sorted(providers, key=lambda p: p.key != "official")]
+        groups = [[p] for p in sorted(providers, key=lambda p: p.key not in BASELINES)]
     done: list[Worker] = []
     for group in groups:
         workers = []
@@ -684,7 +764,8 @@ def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) ->
             )  # fmt: skip
         row["note"] = worker.error
         rows.append(row)
-    baseline = next((r for r in rows if r["provider"].startswith("official") and "step_ms" in r), None)
+    labels = {PROVIDER_LABELS[key] for key in BASELINES}
+    baseline = next((r for r in rows if r["provider"] in labels and "step_ms" in r), None)
     baseline = baseline or next((r for r in rows if "step_ms" in r), None)
     for row in rows:
         row["baseline"] = baseline["provider"] if baseline else ""
@@ -699,6 +780,8 @@ def model_name(setup: Setup) -> str:
     """The trained (or run) model: the student for pretraining, else the recipe's tokenizer."""
     if setup.task == "pretrain":
         return f"beit_{setup.model}_patch16_224_8k_vocab_cls_pt"
+    if setup.task == "segment":
+        return f"upernet_beit_{setup.model}_patch16_512"
     return "vqkd_encoder_base_decoder_3x768x12_clip"
 
 
@@ -721,16 +804,25 @@ def report(setup: Setup, workers: list[Worker], options: argparse.Namespace, *, 
             f.write(f"\n**{title}**\n\n{_common.markdown_table(rows, COLUMNS)}\n")
 
 
+PROVIDER_LABELS = {
+    "ours": "ours (fused kernels, compiled)",
+    "ours-torch": "ours (torch backend, eager)",
+    "ours-bf16": "ours (fused kernels, compiled, bf16 autocast)",
+    "official": "official (microsoft/unilm beit2)",
+    "timm": "timm beitv2_base_patch16_224 (backbone only)",
+    "ours-sdpa": "same model, SDPA float-mask attention (compiled)",
+}
+BASELINES = ("official", "ours-sdpa")  # what the ratios are against: the reference, else the SDPA model
+
+
 def providers_for(task: str, options: argparse.Namespace) -> list[Provider]:
-    labels = {
-        "ours": "ours (fused kernels, compiled)",
-        "ours-torch": "ours (torch backend, eager)",
-        "ours-bf16": "ours (fused kernels, compiled, bf16 autocast)",
-        "official": "official (microsoft/unilm beit2)",
-        "timm": "timm beitv2_base_patch16_224 (backbone only)",
-    }
+    labels = PROVIDER_LABELS
     chosen = []
     for key in options.providers:
+        if task == "segment" and key in ("official", "timm"):
+            continue  # the official mmcv/mmseg stack does not install on current torch: the SDPA model is the baseline
+        if task != "segment" and key == "ours-sdpa":
+            continue
         if key == "official" and not options.unilm_dir:
             continue
         if key == "timm" and task != "pretrain":
@@ -748,6 +840,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", choices=["tiny", "small", "base", "large"], default="base", help="student size")
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="default: 4 on the CPU, 128 on CUDA")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--seg-img-size", type=int, default=512, help="the segment task's crop size")
+    parser.add_argument(
+        "--seg-batch", type=int, nargs="+", default=None, help="segment: default 2 on the CPU, 8 on CUDA"
+    )
     parser.add_argument("--num-mask-patches", type=int, default=None, help="default: 75 of 196 patches, scaled")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument(
@@ -777,6 +873,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.batch = args.batch or [128 if cuda else 4]
+    args.seg_batch = args.seg_batch or [8 if cuda else 2]
+    if args.seg_img_size % 16 or min(args.seg_batch) < 2:
+        parser.error("--seg-img-size must be a multiple of 16 and --seg-batch at least 2 (BatchNorm in the heads)")
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.warmup = (5 if cuda else 2) if args.warmup is None else args.warmup
     args.steps = (20 if cuda else 5) if args.steps is None else args.steps
@@ -807,9 +906,10 @@ def main(argv: list[str] | None = None) -> int:
     if not options.unilm_dir and "official" in options.providers:
         print("no --unilm-dir: the official implementation is left out", file=sys.stderr)
     for task in tasks:
-        for batch in options.batch:
+        for batch in options.seg_batch if task == "segment" else options.batch:
             setup = Setup(
-                task=task, model=options.model, batch=batch, img_size=options.img_size,
+                task=task, model=options.model, batch=batch,
+                img_size=options.seg_img_size if task == "segment" else options.img_size,
                 num_mask_patches=options.num_mask_patches, device=options.device, seed=options.seed,
                 unilm_dir=options.unilm_dir, profile_dir=options.profile,
             )  # fmt: skip

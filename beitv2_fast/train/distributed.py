@@ -157,7 +157,11 @@ def parallelize(
             raise ValueError(f"--grad-checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
         model.set_grad_checkpointing(True)
     if compile_blocks:
-        for block in blocks_of(model):
+        blocks = blocks_of(model)
+        # Dynamo specialises on each block's drop-path rate (linspace over the depth): one graph per
+        # block, more than its default limit of 8, which fullgraph=True turns into a hard error.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks) + 8)
+        for block in blocks:
             block.compile(fullgraph=True)
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
