@@ -7,14 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from segmentation_support import CLASSES, tiny_model_kwargs_flags, tiny_run_flags
+from segmentation_support import CLASSES, tiny_model_kwargs_flags, tiny_run_flags, tiny_segmentor_kwargs
+from torch.utils.flop_counter import FlopCounterMode
 
 from beitv2_fast.cli import main as cli_main
 from beitv2_fast.data import SyntheticSegmentation
+from beitv2_fast.models.segmentation import BEiTUperNet
 from beitv2_fast.train.config import ConfigError, config_from_args
 from beitv2_fast.train.distributed import Distributed
 from beitv2_fast.train.loop import poly_lr, seed_everything, train
-from beitv2_fast.train.segment import SegmentationMetrics, build_segment_task
+from beitv2_fast.train.segment import SegmentationMetrics, build_segment_task, segmentation_flops_per_image
 
 RUN_STEPS = 60
 
@@ -84,6 +86,19 @@ def test_poly_schedule_is_mmcv_s():
     assert poly_lr(80000, 160000, 1500, 5e-5, 0.0) == pytest.approx(2.5e-5)
     assert poly_lr(160000, 160000, 1500, 5e-5, 0.0) == 0.0
     assert poly_lr(50, 100, 0, 1.0, 0.1, power=0.9) == pytest.approx(0.9 * 0.5**0.9 + 0.1)  # mmseg's default power
+
+
+def test_flop_count_matches_torch_s_counter():
+    # torch's counter sees every convolution and linear layer; the fused attention is a custom op
+    # it cannot see, so its two products (4 N^2 D per block) are added by hand.
+    model = BEiTUperNet(**tiny_segmentor_kwargs())
+    attention = 4 * 4 * 17**2 * 32  # blocks x 4 x tokens^2 x width
+    for training, batch in ((False, 1), (True, 2)):
+        model.train(training)
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(training):
+            model(torch.zeros(batch, 3, 64, 64))
+        forward = counter.get_total_flops() / batch + attention
+        assert segmentation_flops_per_image(model, training=training) == (3 * forward if training else forward)
 
 
 def test_recipes_and_option_checks(tmp_path):
