@@ -279,9 +279,7 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 def build_ours(setup: Setup, provider: Provider, device: torch.device):
     import kernels
     from beitv2_fast.models import get_parameter_groups
-    from beitv2_fast.train import loop
     from beitv2_fast.train.config import TrainConfig
-    from beitv2_fast.train.distributed import Distributed
 
     kernels.set_backend("torch" if provider.key == "ours-torch" else "auto")
     if setup.task == "segment":
@@ -321,18 +319,28 @@ def build_ours(setup: Setup, provider: Provider, device: torch.device):
 
     info = {"flops_per_image": flops_per_image(setup, models)}
 
-    def run(feed: StepFeed) -> None:
-        task = loop.Task(
-            model=trained, loss=loss, param_groups=lambda model: get_parameter_groups(model, config.weight_decay),
-            data=loop.TrainData(10**9, lambda epoch, start: feed), images_per_batch=setup.batch,
-            flops_per_image=info["flops_per_image"], frozen=frozen,
-        )  # fmt: skip
-        try:
-            loop.train(config, task, Distributed(device=device))
-        finally:
-            shutil.rmtree(output_dir, ignore_errors=True)
-
+    run = loop_runner(
+        config, device, model=trained, loss=loss,
+        param_groups=lambda model: get_parameter_groups(model, config.weight_decay), images_per_batch=setup.batch,
+        flops_per_image=info["flops_per_image"], frozen=frozen,
+    )  # fmt: skip
     return batch, info, run
+
+
+def loop_runner(config, device: torch.device, **task) -> Callable[[StepFeed], None]:
+    """``run(feed)``: our training loop on ``loop.Task(**task)`` with the feed's batches; the run's
+    folder (``config.output_dir``) is removed at the end."""
+    from beitv2_fast.train import loop
+    from beitv2_fast.train.distributed import Distributed
+
+    def run(feed: StepFeed) -> None:
+        try:
+            loop.train(config, loop.Task(data=loop.TrainData(10**9, lambda epoch, start: feed), **task),
+                       Distributed(device=device))  # fmt: skip
+        finally:
+            shutil.rmtree(config.output_dir, ignore_errors=True)
+
+    return run
 
 
 def sdpa_relpos_attention(q, k, v, bias, scale=None, **unused):
@@ -349,9 +357,7 @@ def build_ours_segment(setup: Setup, provider: Provider, device: torch.device):
     from beitv2_fast.models import create_model, get_parameter_groups
     from beitv2_fast.models.segmentation import segmentation_loss
     from beitv2_fast.models.vit import SIZES
-    from beitv2_fast.train import loop
     from beitv2_fast.train.config import TrainConfig
-    from beitv2_fast.train.distributed import Distributed
     from beitv2_fast.train.segment import segmentation_flops_per_image
 
     torch.manual_seed(setup.seed)
@@ -390,17 +396,11 @@ def build_ours_segment(setup: Setup, provider: Provider, device: torch.device):
         images, labels = batch
         return segmentation_loss(model(images), labels)
 
-    def run(feed: StepFeed) -> None:
-        task = loop.Task(
-            model=model, loss=loss, param_groups=lambda m: get_parameter_groups(m, config.weight_decay, 0.75),
-            data=loop.TrainData(10**9, lambda epoch, start: feed), images_per_batch=setup.batch,
-            flops_per_image=info["flops_per_image"],
-        )  # fmt: skip
-        try:
-            loop.train(config, task, Distributed(device=device))
-        finally:
-            shutil.rmtree(output_dir, ignore_errors=True)
-
+    run = loop_runner(
+        config, device, model=model, loss=loss,
+        param_groups=lambda m: get_parameter_groups(m, config.weight_decay, 0.75), images_per_batch=setup.batch,
+        flops_per_image=info["flops_per_image"],
+    )  # fmt: skip
     return batch, info, run
 
 
