@@ -152,9 +152,9 @@ else
 fi
 TRAIN_COMMON=(--csv "$RESULTS/train_step.csv" --markdown "$TABLES" "${DEVICE_ARGS[@]}" "${UNILM_ARGS[@]}")
 run_step "training step: pretraining" 210 \
-    "$PY" bench/train_step.py --task pretrain --batch "${PRETRAIN_BATCHES[@]}" "${TRAIN_ARGS[@]}" "${TRAIN_COMMON[@]}"
+    "$PY" -m bench.train_step --task pretrain --batch "${PRETRAIN_BATCHES[@]}" "${TRAIN_ARGS[@]}" "${TRAIN_COMMON[@]}"
 run_step "training step: tokenizer forward and tokenizer training" 90 \
-    "$PY" bench/train_step.py --task tokenize tokenizer --batch "${TOKENIZER_BATCHES[@]}" "${TRAIN_ARGS[@]}" \
+    "$PY" -m bench.train_step --task tokenize tokenizer --batch "${TOKENIZER_BATCHES[@]}" "${TRAIN_ARGS[@]}" \
     "${TRAIN_COMMON[@]}"
 
 # 3b. The segmentation step (ViT-B + UperNet at 512 px, 1025 tokens): ours against the same model
@@ -165,7 +165,7 @@ else
     SEGMENT_ARGS=(--model base --seg-img-size 512 --seg-batch 8 --warmup 3 --steps 10)
 fi
 run_step "training step: segmentation" 90 \
-    "$PY" bench/train_step.py --task segment --providers ours ours-sdpa "${SEGMENT_ARGS[@]}" "${TRAIN_COMMON[@]}"
+    "$PY" -m bench.train_step --task segment --providers ours ours-sdpa "${SEGMENT_ARGS[@]}" "${TRAIN_COMMON[@]}"
 
 # 4. The kernels at the pretraining shapes (ViT-B, batch 256).
 if [ "$DRY" = 1 ]; then
@@ -174,7 +174,7 @@ else
     KERNEL_ARGS=(--batch 256)
 fi
 run_step "kernels at the pretraining shapes" 100 \
-    "$PY" bench/kernels.py codebook attention masked_ce "${KERNEL_ARGS[@]}" "${DEVICE_ARGS[@]}" \
+    "$PY" -m bench.bench_kernels codebook attention masked_ce "${KERNEL_ARGS[@]}" "${DEVICE_ARGS[@]}" \
     --csv "$RESULTS/kernels.csv" --markdown "$TABLES"
 
 # 5. The kernel tests on the GPU (their fixtures run every backend there), with what is left.

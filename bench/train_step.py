@@ -1,10 +1,10 @@
 """Training-step benchmark: BEiT v2 pretraining and VQ-KD tokenizer training, ours against the
 official implementation (microsoft/unilm ``beit2/``) and timm, measured side by side in one run.
 
-    python bench/train_step.py                                  # CPU default: ViT-B/16, 224 px, batch 4
-    python bench/train_step.py --unilm-dir ../unilm             # add the official implementation
-    python bench/train_step.py --batch 128 256 --time-budget 300   # on a GPU
-    python bench/train_step.py --model tiny --img-size 64 --batch 2 --steps 2   # a quick check
+    python -m bench.train_step                                  # CPU default: ViT-B/16, 224 px, batch 4
+    python -m bench.train_step --unilm-dir ../unilm             # add the official implementation
+    python -m bench.train_step --batch 128 256 --time-budget 300   # on a GPU
+    python -m bench.train_step --model tiny --img-size 64 --batch 2 --steps 2   # a quick check
 
 Steps (``--task``):
 
@@ -78,8 +78,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's `kernels` first
-import _common  # noqa: E402
+from . import _common
 
 TASKS = ("pretrain", "tokenize", "tokenizer", "segment")
 PROVIDERS = ("ours", "ours-torch", "ours-bf16", "official", "timm", "ours-sdpa")
@@ -446,7 +445,7 @@ class _Constant:
 
 
 def build_official(setup: Setup, provider: Provider, device: torch.device):
-    from reference import unilm
+    from .reference import unilm
 
     beit2 = unilm.import_beit2(setup.unilm_dir)
     unilm.patch_cuda_calls(autocast_dtype(provider.precision) if device.type == "cuda" else None)
@@ -513,7 +512,7 @@ def build_official(setup: Setup, provider: Provider, device: torch.device):
 def official_student(beit2, ours: torch.nn.Module, setup: Setup) -> torch.nn.Module:
     """The reference's student as ``run_beitv2_pretraining.py``'s ``get_model`` builds it; sizes
     the reference does not register (tiny, small) through its class with the same arguments."""
-    from reference import unilm
+    from .reference import unilm
 
     kwargs = dict(
         pretrained=False, drop_path_rate=0.0, drop_block_rate=None, use_shared_rel_pos_bias=True,
@@ -580,7 +579,6 @@ def _worker(setup: Setup, provider: Provider, conn, log_path: str) -> None:
     os.dup2(log.fileno(), 2)
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", UserWarning)
-    sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # bench/reference, after the repo's `kernels`
     try:
         device = torch.device(setup.device)
         feed = StepFeed(conn, device, None, {}, setup, provider)
@@ -889,8 +887,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if min(args.batch) < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be at least 1, --warmup at least 0")
     if args.unilm_dir:
-        sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-        from reference import unilm
+        from .reference import unilm
 
         try:
             unilm.find_beit2(args.unilm_dir)

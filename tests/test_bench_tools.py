@@ -11,15 +11,10 @@ import sys
 import pytest
 import torch
 
-import kernels  # noqa: F401 - the package, before bench/ (which holds a kernels.py) is on the path
+from bench import _common, train_step
+from bench.reference import einops_lite, unilm
 
-BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-if BENCH_DIR not in sys.path:
-    sys.path.append(BENCH_DIR)
-
-import _common  # noqa: E402
-import train_step  # noqa: E402
-from reference import einops_lite, unilm  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,11 +134,11 @@ def test_train_step_measures_every_provider_end_to_end(tmp_path):
     """Two providers at a toy size through the whole protocol (processes, steps, memory, rows)."""
     csv_path = tmp_path / "rows.csv"
     command = [
-        sys.executable, os.path.join(BENCH_DIR, "train_step.py"), "--device", "cpu", "--task", "pretrain",
+        sys.executable, "-m", "bench.train_step", "--device", "cpu", "--task", "pretrain",
         "--model", "tiny", "--img-size", "32", "--batch", "1", "--warmup", "0", "--steps", "1",
         "--providers", "ours-torch", "timm", "--csv", str(csv_path),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
