@@ -10,6 +10,7 @@ released fine-tuned checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -17,7 +18,13 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from .convert import fill_derived_buffers, load_state_dict_file, unwrap_state_dict
+from .convert import (
+    PRETRAINING_ONLY_PREFIXES,
+    check_backbone_weights,
+    fill_derived_buffers,
+    load_state_dict_file,
+    select_weights,
+)
 from .registry import register_model
 from .vit import (
     NUM_CLS_TABLE_ENTRIES,
@@ -28,6 +35,8 @@ from .vit import (
     resize_rel_pos_bias_table,
     trunc_normal_,
 )
+
+log = logging.getLogger("beitv2_fast")
 
 FINETUNE_DEFAULTS = {
     "qkv_bias": True,
@@ -115,19 +124,30 @@ def expand_shared_rel_pos_bias(state_dict: Mapping[str, torch.Tensor], num_layer
     return out
 
 
-def prepare_finetune_state_dict(model: BEiT, checkpoint, *, model_key: str = "model|module") -> dict[str, torch.Tensor]:
-    """The reference's ``run_class_finetuning.py`` checkpoint preparation, for ``model``.
+def prepare_finetune_state_dict(
+    model: BEiT, checkpoint, *, model_key: str = "model|module", model_prefix: str = "", model_filter_name: str = ""
+) -> dict[str, torch.Tensor]:
+    """The reference's ``run_class_finetuning.py`` checkpoint preparation, for ``model``, checked.
 
-    Unwraps the first of ``model_key`` (``|``-separated) present; drops ``head.*`` when its shape
-    differs (another number of classes); expands a shared relative position table into per-block
-    tables when the model has those; drops ``relative_position_index`` entries (the model's are
-    used); resizes relative position tables to the model's patch grid (the reference's
-    geometric-progression bicubic resampling) and ``pos_embed`` (bicubic).
+    Chooses the weights with the reference's selectors (:func:`~beitv2_fast.models.convert.select_weights`:
+    ``model_key``, ``model_prefix``, ``model_filter_name``; every layout :func:`load_checkpoint`
+    reads, MMPretrain's included); drops ``head.*`` when its shape differs (another number of
+    classes); expands a shared relative position table into per-block tables when the model has
+    those; drops ``relative_position_index`` entries (the model's are used); resizes relative
+    position tables to the model's patch grid (the reference's geometric-progression bicubic
+    resampling) and ``pos_embed`` (bicubic).
+
+    Raises:
+        BackboneMismatchError: the weights would leave part of the backbone as initialised (see
+            :func:`~beitv2_fast.models.convert.check_backbone_weights`); one line naming the file.
     """
+    source = "given as a state dict"
     if isinstance(checkpoint, (str, os.PathLike)):
+        source = repr(os.fspath(checkpoint))
         checkpoint = load_state_dict_file(checkpoint, unwrap=False)
-    state_dict = next((checkpoint[k] for k in model_key.split("|") if k in checkpoint), checkpoint)
-    state_dict = dict(unwrap_state_dict(state_dict))
+    state_dict = select_weights(
+        checkpoint, model_key=model_key, model_prefix=model_prefix, model_filter_name=model_filter_name, source=source
+    )
     own = model.state_dict()
     for key in ("head.weight", "head.bias"):
         if key in state_dict and (key not in own or state_dict[key].shape != own[key].shape):
@@ -146,14 +166,42 @@ def prepare_finetune_state_dict(model: BEiT, checkpoint, *, model_key: str = "mo
         and state_dict["pos_embed"].shape != model.pos_embed.shape
     ):
         state_dict["pos_embed"] = resample_abs_pos_embed(state_dict["pos_embed"], grid)
-    return fill_derived_buffers(model, state_dict)
+    state_dict = fill_derived_buffers(model, state_dict)
+    check_backbone_weights(model, state_dict, source)
+    return state_dict
 
 
-def load_for_finetuning(model: BEiT, checkpoint, *, model_key: str = "model|module"):
-    """Load a pretraining (or fine-tuned) checkpoint into a fine-tuning model, non-strictly as the
-    reference does (``mask_token``, ``lm_head``, ``cls_pt_layers``, ``norm`` of a MIM checkpoint go
-    unused; a new head stays as initialised). Returns ``(missing_keys, unexpected_keys)``."""
-    return model.load_state_dict(prepare_finetune_state_dict(model, checkpoint, model_key=model_key), strict=False)
+def load_for_finetuning(
+    model: BEiT, checkpoint, *, model_key: str = "model|module", model_prefix: str = "", model_filter_name: str = ""
+):
+    """Load a pretraining (or fine-tuned) checkpoint into a fine-tuning model, as the reference does
+    (``mask_token``, ``lm_head``, ``cls_pt_layers``, ``norm`` of a MIM checkpoint go unused; a new
+    head stays as initialised), but never silently: a file that does not give the whole backbone
+    raises :class:`~beitv2_fast.models.convert.BackboneMismatchError` (see
+    :func:`prepare_finetune_state_dict`). Returns ``(missing_keys, unexpected_keys)``: what starts
+    as initialised, and what was left out."""
+    state_dict = prepare_finetune_state_dict(
+        model, checkpoint, model_key=model_key, model_prefix=model_prefix, model_filter_name=model_filter_name
+    )
+    result = model.load_state_dict(state_dict, strict=False)
+    on_purpose = [k for k in result.unexpected_keys if k.startswith(PRETRAINING_ONLY_PREFIXES)]
+    others = [k for k in result.unexpected_keys if k not in on_purpose]
+    log.info(
+        "fine-tuning weights: %d loaded; initialised anew: %s; left out on purpose (pretraining heads, tokenizer): "
+        "%s; left out, not in the model: %s",
+        len(state_dict) - len(result.unexpected_keys), _modules(result.missing_keys), _modules(on_purpose),
+        _modules(others),
+    )  # fmt: skip
+    return result
+
+
+def _modules(keys: list[str]) -> str:
+    """``lm_head.weight, lm_head.bias, cls_pt_layers.0.norm1.weight`` as ``lm_head, cls_pt_layers.0``."""
+    names = []
+    for key in keys:
+        parts = key.split(".")
+        names.append(".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0])
+    return ", ".join(dict.fromkeys(names)) or "none"
 
 
 # ------------------------------------------------------------------------------------------------
