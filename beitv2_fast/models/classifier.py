@@ -42,67 +42,77 @@ FINETUNE_DEFAULTS = {
     "qkv_bias": True,
     "use_rel_pos_bias": True,
     "use_abs_pos_emb": False,
-    "use_mean_pooling": True,
     "init_scale": 0.001,
     "num_classes": 1000,
 }
+
+
+def _cfg(img_size: int = 224) -> dict:
+    """timm's ``pretrained_cfg`` of a classifier: input, preprocessing, head (no weights: local files only,
+    read by ``BEiT.load_pretrained``, hence ``custom_load``)."""
+    return {
+        "num_classes": 1000, "input_size": (3, img_size, img_size), "pool_size": None, "fixed_input_size": True,
+        "crop_pct": 0.9 if img_size == 224 else 1.0, "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj",
+        "classifier": "head", "license": "mit", "custom_load": True,
+    }  # fmt: skip
 
 
 def _finetune_model(size: dict, kwargs: dict, *, init_values: float = 0.1, **arch) -> BEiT:
     return BEiT(**{**FINETUNE_DEFAULTS, "init_values": init_values, **size, **arch, **kwargs})
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_tiny_patch16_224(**kwargs) -> BEiT:
     return _finetune_model(SIZES["tiny"], kwargs, patch_size=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_small_patch16_224(**kwargs) -> BEiT:
     return _finetune_model(SIZES["small"], kwargs, patch_size=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_base_patch16_224(**kwargs) -> BEiT:
     return _finetune_model(SIZES["base"], kwargs, patch_size=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg(256))
 def beit_base_patch16_256(**kwargs) -> BEiT:
     return _finetune_model(SIZES["base"], kwargs, patch_size=16, img_size=256)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg(384))
 def beit_base_patch16_384(**kwargs) -> BEiT:
     return _finetune_model(SIZES["base"], kwargs, patch_size=16, img_size=384)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_24x544_patch16_224(**kwargs) -> BEiT:
     return _finetune_model({"embed_dim": 544, "depth": 24, "num_heads": 16}, kwargs, patch_size=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_large_patch16_224(**kwargs) -> BEiT:
     return _finetune_model(SIZES["large"], kwargs, init_values=1e-5, patch_size=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg(384))
 def beit_large_patch16_384(**kwargs) -> BEiT:
     return _finetune_model(SIZES["large"], kwargs, init_values=1e-5, patch_size=16, img_size=384)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg(512))
 def beit_large_patch16_512(**kwargs) -> BEiT:
     return _finetune_model(SIZES["large"], kwargs, init_values=1e-5, patch_size=16, img_size=512)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_huge_patch14_224(**kwargs) -> BEiT:
     return _finetune_model(SIZES["huge"], kwargs, init_values=1e-5, patch_size=14)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_giant_patch14_224(**kwargs) -> BEiT:
     giant = {"embed_dim": 1408, "depth": 40, "num_heads": 16, "mlp_ratio": 6144 / 1408}
     return _finetune_model(giant, kwargs, init_values=1e-5, patch_size=14)
@@ -253,7 +263,7 @@ class LinearProbe(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled, normalised frozen feature ``[B, D]``."""
         with torch.no_grad():
-            tokens = self.backbone.forward_intermediates(x, [self.block])[0]
+            tokens = self.backbone.intermediate_tokens(x, [self.block])[0]
             pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(1)
             return self.feature_norm(pooled)
 
