@@ -229,9 +229,9 @@ def load_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True, layout
 # Entries of pretraining (and tokenizer) checkpoints that a fine-tuning model leaves out on purpose:
 # the MIM heads (mask token, LM head, patch aggregation blocks, their norm) and MMPretrain's tokenizer.
 PRETRAINING_ONLY_PREFIXES = ("mask_token", "lm_head.", "cls_pt_layers.", "norm.", TOKENIZER_PREFIX)
-# Modules a fine-tuning model initialises anew when the checkpoint has none (a pretraining
-# checkpoint has no classifier; mean pooling adds fc_norm).
-FRESH_PREFIXES = ("head.", "fc_norm.", "norm.")
+# The backbone (``BEiTBackbone``'s own weights), which a fine-tuning checkpoint must give in full;
+# what a model adds to it (classifier, final norms, a feature pyramid) may start as initialised.
+BACKBONE_PREFIXES = ("cls_token", "mask_token", "pos_embed", "patch_embed.", "rel_pos_bias.", "blocks.")
 
 
 def _listed(keys: list[str], limit: int = 4) -> str:
@@ -291,8 +291,8 @@ def _keys_under(state_dict: Mapping[str, torch.Tensor], prefix: str, option: str
 def check_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Check that ``state_dict`` gives ``model`` its whole backbone.
 
-    Only the classifier (``head``) and the final norms (``fc_norm``, ``norm``) may be missing: they
-    start as initialised.
+    Only what the model adds to the backbone (:data:`BACKBONE_PREFIXES`) may be missing: the
+    classifier, the final norms, a feature pyramid start as initialised.
 
     Raises:
         BackboneMismatchError: (one line naming ``source``) no key matches the model, blocks or other
@@ -301,7 +301,7 @@ def check_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tens
     own = model.state_dict()
     depth = model.get_num_layers()
     matched = [k for k in state_dict if k in own and not k.endswith("relative_position_index")]
-    missing = [k for k in own if k not in state_dict and not k.startswith(FRESH_PREFIXES)]
+    missing = [k for k in own if k not in state_dict and k.startswith(BACKBONE_PREFIXES)]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [
         f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})"
@@ -309,7 +309,7 @@ def check_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tens
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     name = type(model).__name__
-    if not [k for k in matched if not k.startswith(FRESH_PREFIXES)]:
+    if not [k for k in matched if k.startswith(BACKBONE_PREFIXES)]:
         raise BackboneMismatchError(
             f"checkpoint {source}: none of its {len(state_dict)} keys is a weight of the {name} backbone "
             f"(they begin with {_listed(sorted({k.split('.')[0] for k in state_dict}))}); a VQ-KD tokenizer "
