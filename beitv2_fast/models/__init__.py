@@ -22,6 +22,7 @@ from .classifier import (
     prepare_finetune_state_dict,
 )
 from .convert import (
+    BackboneMismatchError,
     CheckpointMismatchError,
     CheckpointReadError,
     UnsafeCheckpointError,
@@ -39,6 +40,7 @@ from .vqkd import VQKD
 
 __all__ = [
     "BEiT",
+    "BackboneMismatchError",
     "BEiTBackbone",
     "BEiTFeaturePyramid",
     "BEiTForMaskedImageModeling",

@@ -336,7 +336,7 @@ def check_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tens
         )
     if missing:
         raise BackboneMismatchError(
-            f"checkpoint {source} lacks {len(missing)} backbone weight(s) of the {name}: {_listed(missing)}",
+            f"checkpoint {source} lacks {len(missing)} backbone weight(s) of the {name}: {_listed(missing, 50)}",
             missing,
             unexpected,
         )
