@@ -75,7 +75,10 @@ class TrainConfig:
     quantize_kmeans_init: bool = _f(True, "k-means initialisation of the codebook on the first batch")
     ema_decay: float = _f(0.99, "codebook EMA decay")
     # -- fine-tuning / linear probing -------------------------------------------------------
-    finetune: str = _f("", "pretrained checkpoint to start from (official, ours or timm layout)")
+    finetune: str = _f("", "pretrained checkpoint to start from (official, ours, timm or MMPretrain layout)")
+    model_key: str = _f("model|module", "--finetune: the first of these keys present holds the weights (|-separated)")
+    model_prefix: str = _f("", "--finetune: use only the keys under this prefix, without it (e.g. module.)")
+    model_filter_name: str = _f("", "--finetune: use only this submodule's keys (encoder: a VQ-KD tokenizer's encoder)")
     nb_classes: int = _f(1000, "number of classes")
     layer_decay: float = _f(1.0, "layer-wise lr decay (0.6-0.65 base, 0.8 large); 1 disables it")
     use_cls: bool = _f(False, "classify from the CLS token instead of mean pooling")
