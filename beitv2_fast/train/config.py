@@ -112,7 +112,7 @@ class TrainConfig:
     # -- systems ----------------------------------------------------------------------------
     amp_dtype: str = _f("bfloat16", "bfloat16 | float16 (with a gradient scaler) | float32")
     parallel: str = _f("auto", "auto | fsdp | ddp | none: auto is FSDP2 on GPUs, DDP on CPUs, none for one process")
-    torchcompile: bool = _f(False, "torch.compile each block (and the tokenizer)")
+    torchcompile: bool = _f(False, "torch.compile the student (one graph; per block under DDP/FSDP2) and the tokenizer")
     grad_checkpointing: bool = _f(False, "activation checkpointing per block")
     seed: int = _f(0, "random seed")
     nonfinite: str = _f("stop", "stop | skip: what a non-finite loss or gradient norm does")
