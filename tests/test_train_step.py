@@ -125,3 +125,16 @@ def test_phases_are_timed_only_while_a_timer_is_active():
                 torch.ones(8).sum()
     assert PhaseTimer.active is None
     assert list(timer.milliseconds()) == ["backward"] and len(timer.marks) == 2
+
+
+def test_cuda_graphs_need_a_gpu_and_compilation(monkeypatch):
+    from beitv2_fast.train.config import ConfigError, TrainConfig
+    from beitv2_fast.train.step import cuda_graph_mode
+
+    with pytest.raises(ConfigError, match="--cuda-graphs needs --torchcompile"):
+        TrainConfig(task="tokenizer", cuda_graphs=True).validate()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA GPU and none is visible"):
+        TrainConfig(task="tokenizer", cuda_graphs=True, torchcompile=True).validate()
+    assert cuda_graph_mode(True, "none") == "reduce-overhead"
+    assert cuda_graph_mode(True, "fsdp") is None and cuda_graph_mode(False, "none") is None

@@ -25,7 +25,15 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_output_dir, save_config
 from .distributed import Distributed, broadcast_buffers, choose_parallel, parallelize, unwrap
 from .metrics import MetricLogger, log
-from .step import NonFiniteError, NonFiniteGuard, compile_student, phase, uses_deferred_check  # noqa: F401 - NonFiniteError is re-exported
+from .step import (  # noqa: F401 - NonFiniteError is re-exported
+    NonFiniteError,
+    NonFiniteGuard,
+    begin_graphed_step,
+    compile_student,
+    cuda_graph_mode,
+    phase,
+    uses_deferred_check,
+)
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -158,19 +166,20 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     model = task.model.to(device)
+    parallel = choose_parallel(config.parallel, world)
+    graph_mode = cuda_graph_mode(config.cuda_graphs, parallel)
     frozen_dtype = torch.bfloat16 if amp_dtype == torch.bfloat16 else torch.float32
     for module in task.frozen:
         module.to(device, dtype=frozen_dtype).eval().requires_grad_(False)
         if config.torchcompile:
-            module.compile()
-    parallel = choose_parallel(config.parallel, world)
+            module.compile(fullgraph=True, mode=graph_mode)
     param_dtype = amp_dtype if (parallel == "fsdp" and device.type == "cuda" and amp_dtype != torch.float32) else None
     model = parallelize(
         model, world, parallel=parallel, compile_blocks=config.torchcompile and parallel != "none",
         grad_checkpointing=config.grad_checkpointing, param_dtype=param_dtype,
     )  # fmt: skip
     if config.torchcompile:
-        log.info("%s", compile_student(model, parallel))
+        log.info("%s", compile_student(model, parallel, mode=graph_mode))
     optimizer = build_optimizer(task.param_groups(unwrap(model)), config, device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     guard = NonFiniteGuard(config.nonfinite, device, world.rank)
@@ -247,6 +256,7 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
             start = time.perf_counter()
             batch = _move(next(batches), device)
             data_seconds += time.perf_counter() - start
+            begin_graphed_step(graph_mode)
             with _gradient_sync(model, micro == config.grad_accum_steps - 1), autocast:
                 loss, metrics = task.loss(model, batch)
             scaled = loss / config.grad_accum_steps

@@ -39,7 +39,31 @@ def compile_student(model: nn.Module, parallel: str, **options) -> str:
     if parallel != "none":
         return f"torch.compile per block ({len(blocks_of(model))} blocks; {parallel} wraps each block)"
     model.compile(fullgraph=True, **options)
-    return "torch.compile of the whole student forward and loss (one graph)"
+    graphs = ", replayed as CUDA graphs" if options.get("mode") == "reduce-overhead" else ""
+    return f"torch.compile of the whole student forward and loss (one graph{graphs})"
+
+
+def cuda_graph_mode(requested: bool, parallel: str) -> str | None:
+    """The ``torch.compile`` mode for ``--cuda-graphs``: ``reduce-overhead`` (inductor records each
+    compiled graph, forward and backward, after its warm-up runs, so the Triton autotuners have
+    chosen their configurations first, and replays it), or None. Not with DDP or FSDP2, whose
+    collectives between the per-block graphs the recording cannot hold: the run says so and goes on
+    without graphs."""
+    if not requested:
+        return None
+    if parallel != "none":
+        from .metrics import log
+
+        log.warning("--cuda-graphs: not with %s (collectives between the block graphs); running without", parallel)
+        return None
+    return "reduce-overhead"
+
+
+def begin_graphed_step(mode: str | None) -> None:
+    """Tell the CUDA graph trees that a new micro-batch starts: the outputs of the last one's graphs,
+    consumed by now, may be overwritten."""
+    if mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def compiled_frames() -> tuple[int, int]:
