@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .datasets import SkippedImage
+from .decode import CropDecodingDataset
 from .masking import MaskingGenerator
 from .transforms import MixupCutmix, PretrainTransform
 
@@ -499,6 +500,8 @@ def build_loader(
                 "build_loader: task 'pretrain' needs transform=PretrainTransform(...) and masking=MaskingGenerator(...)"
             )
         spec: _Task = _PretrainTask(transform, masking)
+        if transform.fast_decode:  # the crop is drawn from the file's header, before decoding
+            dataset = CropDecodingDataset(dataset, transform)
     elif task == "tokenizer":
         spec = _TokenizerTask(transform)
     elif task == "segmentation":
