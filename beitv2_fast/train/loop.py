@@ -43,21 +43,25 @@ class TrainData:
             the same (epoch, index) must give the same batch in a resumed run.
         num_skipped: optional ``num_skipped()``: unreadable files replaced so far on this rank
             (logged as ``data_skipped``, summed over the ranks).
+        state_dict, load_state_dict: optional; the data state saved with every checkpoint (the
+            same on every rank) and restored on resume, where it refuses a changed data layout.
     """
 
     batches_per_epoch: int
     batches: Callable[[int, int], Iterator[Any]]
     num_skipped: Callable[[], int] | None = None
+    state_dict: Callable[[], dict] | None = None
+    load_state_dict: Callable[[dict], None] | None = None
 
     @classmethod
     def from_loader(cls, loader) -> TrainData:
         """Batches of a ``beitv2_fast.data`` loader, whose draws depend only on (seed, epoch, index)."""
 
         def batches(epoch: int, start: int) -> Iterator[Any]:
-            loader.epoch, loader.batches_consumed = epoch, start
+            loader.seek(epoch, start)
             return iter(loader)
 
-        return cls(len(loader), batches, lambda: loader.num_skipped)
+        return cls(len(loader), batches, lambda: loader.num_skipped, loader.state_dict, loader.load_state_dict)
 
 
 @dataclasses.dataclass
@@ -196,6 +200,11 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, world, extra_tensors=extra)
         step = state["step"]
+        if task.data.load_state_dict is not None and "data" in state:
+            try:  # refuses another data set size, world size, batch size or seed
+                task.data.load_state_dict(state["data"])
+            except ValueError as exc:
+                raise ConfigError(f"--resume {resume_from}: {exc}") from None
         if scaler is not None:
             scaler.update(new_scale=float(extra["scaler_scale"]))
         log.info("resumed from %s at step %d", resume_from, step)
@@ -216,8 +225,11 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
         broadcast_buffers(model)
         if scaler is not None:
             extra["scaler_scale"].fill_(scaler.get_scale())
+        run_state = {"epoch": at_step // steps_per_epoch}
+        if task.data.state_dict is not None:
+            run_state["data"] = task.data.state_dict()
         ckpt.save_checkpoint(
-            checkpoint_root, at_step, model, optimizer, world, state={"epoch": at_step // steps_per_epoch},
+            checkpoint_root, at_step, model, optimizer, world, state=run_state,
             extra_tensors=extra, keep=config.keep_checkpoints,
         )  # fmt: skip
 
