@@ -260,12 +260,13 @@ def build_loader(
         pin_memory: default: True when ``device`` is CUDA.
         persistent_workers, prefetch_factor: as DataLoader (only with workers).
         num_replicas, rank: data-parallel layout; default: torch.distributed's, or 1 and 0.
-        backend: "torch" (DataLoader) or "dali" (GPU JPEG decoding, "pretrain" only; needs
-            nvidia-dali and a dataset of files).
+        backend: "torch" (DataLoader), "gpu" (batched JPEG decoding by torchvision on ``device``,
+            "pretrain" only, a dataset of files; ``gpu_decode.py``) or "dali" (GPU JPEG decoding,
+            "pretrain" only; needs nvidia-dali and a dataset of files).
         backend_options: extra options of the DALI loader (see ``dali.DaliPretrainLoader``).
 
     Returns:
-        A :class:`Loader` (or a ``DaliPretrainLoader`` with the same interface).
+        A :class:`Loader` (or a ``GpuDecodePretrainLoader`` or ``DaliPretrainLoader``, with the same interface).
     """
     if task not in TASKS:
         raise ValueError(f"build_loader: argument 'task' must be one of {TASKS}; got {task!r}")
@@ -287,8 +288,18 @@ def build_loader(
             device=device,
             **backend_options,
         )
+    if backend == "gpu":
+        if task != "pretrain":
+            raise ValueError(f"build_loader: the gpu backend serves task 'pretrain' only; got task {task!r}")
+        from .gpu_decode import GpuDecodePretrainLoader
+
+        return GpuDecodePretrainLoader(
+            dataset, transform, masking, batch_size=batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+            num_replicas=num_replicas, rank=rank, device=device or "cuda", num_workers=num_workers,
+            prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+        )  # fmt: skip
     if backend != "torch":
-        raise ValueError(f"build_loader: argument 'backend' must be 'torch' or 'dali'; got {backend!r}")
+        raise ValueError(f"build_loader: argument 'backend' must be 'torch', 'gpu' or 'dali'; got {backend!r}")
     if backend_options:
         raise TypeError(f"build_loader: unexpected options {sorted(backend_options)} for the torch backend")
     if task == "pretrain":
