@@ -93,7 +93,9 @@ class TrainConfig:
     )
     eval_data_dir: str = _f("", "validation folder for fine-tuning and linear probing")
     num_workers: int = _f(4, "data loader worker processes per rank")
-    data_backend: str = _f("pil", "pil | dali (GPU JPEG decoding, when nvidia-dali is installed)")
+    data_backend: str = _f(
+        "pil", "pil | gpu (batched JPEG decoding by torchvision on the GPU) | dali (when nvidia-dali is installed)"
+    )
     # -- optimisation -----------------------------------------------------------------------
     batch_size: int = _f(128, "images per rank per step")
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step")
@@ -159,7 +161,11 @@ class TrainConfig:
             (self.parallel in ("auto", "fsdp", "ddp", "none"), "--parallel must be auto, fsdp, ddp or none"),
             (self.nonfinite in ("stop", "skip"), "--nonfinite must be stop or skip"),
             (self.teacher in ("clip", "dino", "hog"), "--teacher must be clip, dino or hog"),
-            (self.data_backend in ("pil", "dali"), "--data-backend must be pil or dali"),
+            (self.data_backend in ("pil", "gpu", "dali"), "--data-backend must be pil, gpu or dali"),
+            (
+                self.data_backend == "pil" or bool(self.data_dir),
+                f"--data-backend {self.data_backend} decodes JPEG files: give --data-dir (or use --data-backend pil)",
+            ),
             (self.linprobe_pool in ("mean", "cls"), "--linprobe-pool must be mean or cls"),
             (self.num_mask_patches >= 1, "--num-mask-patches must be at least 1"),
             (0 < self.min_crop_scale <= 1, "--min-crop-scale must lie in (0, 1]"),

@@ -91,7 +91,7 @@ def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
     )  # fmt: skip
     loader = build_loader(
         "pretrain", dataset, batch_size=config.batch_size, transform=transform, masking=masking, seed=config.seed,
-        num_workers=config.num_workers, device=world.device, backend="dali" if config.data_backend == "dali" else "torch",
+        num_workers=config.num_workers, device=world.device, backend={"pil": "torch"}.get(config.data_backend, config.data_backend),
     )  # fmt: skip
 
     def loss(model, batch):
