@@ -24,6 +24,9 @@ Pipelines (``--pipelines``):
   in the main process and are counted.
 - ``ours-fast-decode`` (pretraining): ``ours-uint8`` with ``fast_decode=True``: each JPEG decoded at
   the smallest DCT scale that leaves the sampled crop at least as large as both views.
+- ``ours-gpu`` (pretraining, by default only where CUDA is available): ``backend="gpu"``: the
+  workers read bytes and draw, the main process decodes the batch with nvJPEG and makes both views
+  on the GPU (``--device``); the batches are finished on the GPU and the time is synchronised.
 
 Measurement: the files (``--num-images`` JPEGs of ``--image-size`` at quality 90, cut from the
 built-in photographs, in the ImageNet folder layout) are written once to a temporary folder.
@@ -59,7 +62,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's packages first
 import _common  # noqa: E402
 
-PRETRAIN_PIPELINES = ("official", "ours", "ours-uint8", "ours-fast-decode")
+PRETRAIN_PIPELINES = ("official", "ours", "ours-uint8", "ours-fast-decode", "ours-gpu")
 FINETUNE_PIPELINES = ("official", "ours", "ours-uint8")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NUM_CLASSES = 1000  # the fine-tuning head's classes (mixup's soft targets); the files have fewer
@@ -172,7 +175,7 @@ class OfficialLoader:
             yield batch
 
 
-def build_ours(pipeline: str, task: str, root: str, batch_size: int, workers: int, seed: int):
+def build_ours(pipeline: str, task: str, root: str, batch_size: int, workers: int, seed: int, device: str = "cpu"):
     from beitv2_fast.data import (
         FinetuneTransform,
         ImageFolderDataset,
@@ -189,22 +192,33 @@ def build_ours(pipeline: str, task: str, root: str, batch_size: int, workers: in
         transform = PretrainTransform(
             224, 224, min_crop_scale=0.2, uint8_output=uint8, fast_decode=pipeline == "ours-fast-decode"
         )
+        if pipeline == "ours-gpu":
+            common.update(backend="gpu", device=device)
         return build_loader("pretrain", dataset, transform=transform, masking=MaskingGenerator(14, 75, 16), **common)
     mixup = MixupCutmix(NUM_CLASSES, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
     transform = FinetuneTransform(224, uint8_output=uint8)
     return build_loader("classification", dataset, transform=transform, mixup=mixup, **common)
 
 
-def measure(loader, batch_size: int, warmup: int, batches: int) -> dict:
+def _batches(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def measure(loader, batch_size: int, warmup: int, batches: int, device: str) -> dict:
     """Images/s and CPU seconds per image over ``batches`` batches after ``warmup``."""
-    iterator = iter(loader)
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    iterator = _batches(loader)
     for _ in range(warmup):
         next(iterator)
+    synchronize()
     wall, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(batches):
         next(iterator)
+    synchronize()
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    del iterator  # stops the workers
+    iterator.close()
     images = batches * batch_size
     return {"img_per_s": images / wall, "cpu_ms_per_img": 1e3 * cpu / images}
 
@@ -272,7 +286,7 @@ def _size(text: str) -> tuple[int, int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", nargs="+", choices=("pretrain", "finetune"), default=["pretrain", "finetune"])
-    parser.add_argument("--pipelines", nargs="+", choices=PRETRAIN_PIPELINES, default=list(PRETRAIN_PIPELINES))
+    parser.add_argument("--pipelines", nargs="+", choices=PRETRAIN_PIPELINES, default=None)
     parser.add_argument(
         "--workers", nargs="+", type=int, default=None, help="DataLoader workers (default: 1 and all cores)"
     )
@@ -289,8 +303,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a checkout of microsoft/unilm (or its beit2/) for the official pipeline ($BEITV2_UNILM_DIR)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where ours-gpu decodes (default: cuda when available)",
+    )  # fmt: skip
     parser.add_argument("--markdown", default="", help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
+    if args.pipelines is None:
+        args.pipelines = [p for p in PRETRAIN_PIPELINES if p != "ours-gpu" or torch.cuda.is_available()]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible (use --device cpu)")
     args.workers = args.workers or sorted({1, os.cpu_count() or 1})
     if min(args.workers) < 1:
         parser.error("--workers must be at least 1 (the CPU time is counted in worker processes)")
@@ -298,11 +320,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch-size, --num-images and --repeats must be at least 1, --warmup at least 0")
     prefetched = 2 * max(args.workers)
     epoch = args.num_images // args.batch_size
+    # By default the window ends before the epoch does, with the workers still busy (see above);
+    # a longer --batches reads on into the next epochs.
     args.batches = args.batches or epoch - args.warmup - prefetched
-    if args.batches < 1 or args.warmup + args.batches + prefetched > epoch:
+    if args.batches < 1 or epoch < 1:
         parser.error(
             f"--num-images {args.num_images} gives {epoch} batches of {args.batch_size}: too few for --warmup "
-            f"{args.warmup}, --batches {args.batches} and {prefetched} prefetched; write more images"
+            f"{args.warmup} and {prefetched} prefetched; write more images or give --batches"
         )
     if args.data_dir and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir!r} is not a folder")
@@ -335,8 +359,9 @@ def run(args: argparse.Namespace, root: str) -> list[dict]:
                     if pipeline == "official":
                         loader = OfficialLoader(official, task, root, args.batch_size, workers, args.seed)
                     else:
-                        loader = build_ours(pipeline, task, root, args.batch_size, workers, args.seed)
-                    samples[pipeline].append(measure(loader, args.batch_size, args.warmup, args.batches))
+                        loader = build_ours(pipeline, task, root, args.batch_size, workers, args.seed, args.device)
+                    device = args.device if pipeline == "ours-gpu" else "cpu"
+                    samples[pipeline].append(measure(loader, args.batch_size, args.warmup, args.batches, device))
                     del loader
             baseline = None
             for pipeline in pipelines:
@@ -345,6 +370,7 @@ def run(args: argparse.Namespace, root: str) -> list[dict]:
                 baseline = per_core if pipeline == "official" else baseline
                 rows.append({
                     **env, "task": task, "pipeline": pipeline, "workers": workers,
+                    "decode": args.device if pipeline == "ours-gpu" else "cpu",
                     "images": f"{args.image_size[0]}x{args.image_size[1]}", "batch": args.batch_size,
                     "img_per_s": f"{row['img_per_s']:.1f}", "cpu_ms_per_img": f"{row['cpu_ms_per_img']:.2f}",
                     "img_per_s_per_core": f"{per_core:.1f}",
@@ -355,7 +381,7 @@ def run(args: argparse.Namespace, root: str) -> list[dict]:
 
 
 COLUMNS = (
-    "task", "pipeline", "workers", "images", "batch", "img_per_s", "cpu_ms_per_img", "img_per_s_per_core",
+    "task", "pipeline", "workers", "decode", "images", "batch", "img_per_s", "cpu_ms_per_img", "img_per_s_per_core",
     "per_core_vs_official",
 )  # fmt: skip
 

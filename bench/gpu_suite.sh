@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-command GPU suite: build, the `cuda` tests, the training step against the reference,
-# the segmentation step, the kernels at the pretraining shapes, then the kernel tests on the GPU
+# the segmentation step, the input pipeline, the kernels at the pretraining shapes, then the kernel
+# tests on the GPU
 # with what time is left.
 #
 #   bash bench/gpu_suite.sh              # on one GPU, in the repository root, in under 9 minutes
@@ -166,6 +167,17 @@ else
 fi
 run_step "training step: segmentation" 90 \
     "$PY" bench/train_step.py --task segment --providers ours ours-sdpa "${SEGMENT_ARGS[@]}" "${TRAIN_COMMON[@]}"
+
+# 3c. The input pipeline at 224 px: the GPU-decode backend and our CPU workers (uint8 views),
+#     2 workers each, against the official pipeline, on JPEGs written for the run.
+if [ "$DRY" = 1 ]; then
+    DATA_ARGS=(--num-images 64 --batch-size 8 --warmup 1 --device cpu)
+else
+    DATA_ARGS=(--num-images 2048 --batch-size 256 --warmup 1 --batches 6)
+fi
+run_step "data pipeline" 60 \
+    "$PY" bench/data_pipeline.py --task pretrain --workers 2 --pipelines official ours-uint8 ours-gpu \
+    "${DATA_ARGS[@]}" "${UNILM_ARGS[@]}" --markdown "$TABLES"
 
 # 4. The kernels at the pretraining shapes (ViT-B, batch 256).
 if [ "$DRY" = 1 ]; then
