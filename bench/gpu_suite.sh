@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The one-command GPU suite: build, the `cuda` tests, the training step against the reference,
 # the segmentation step, the input pipeline, the kernels at the pretraining shapes, then the kernel
-# tests on the GPU
-# with what time is left.
+# tests on the GPU with what time is left.
 #
 #   bash bench/gpu_suite.sh              # on one GPU, in the repository root, in under 9 minutes
 #   bash bench/gpu_suite.sh --dry-run    # the same steps on the CPU with tiny shapes (or BEITV2_GPU_SUITE_CPU=1)
