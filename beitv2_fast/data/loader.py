@@ -19,6 +19,8 @@ The batches of each task (``batches.py``): "pretrain" gives :class:`PretrainBatc
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -33,6 +35,24 @@ from .sampling import COLLATE, DEVICE, BatchKey, ResumableBatchSampler
 from .transforms import MixupCutmix, PretrainTransform
 
 TASKS = ("pretrain", "tokenizer", "classification", "segmentation")
+MAX_AUTO_WORKERS = 16  # beyond this the batches of one rank rarely wait on decoding
+log = logging.getLogger("beitv2_fast")
+
+
+def workers_per_rank(requested: int) -> int:
+    """``requested`` when it is 0 or more; for -1, the cores this process may run on shared by the
+    ranks of this node (``LOCAL_WORLD_SIZE``, set by torchrun), less one for the main process
+    (at least 1, at most :data:`MAX_AUTO_WORKERS`); the choice goes to the log."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = max(1, min(MAX_AUTO_WORKERS, cores // local_ranks - 1))
+    log.info(
+        "data: %d loader workers per rank (%d cores for %d local ranks, one core each left to the main "
+        "process; --num-workers sets it)", workers, cores, local_ranks,
+    )  # fmt: skip
+    return workers
 
 
 class _BatchRecipe:
@@ -255,7 +275,8 @@ def build_loader(
         seed: the run's seed; fixes order and augmentations.
         shuffle: shuffle each epoch (False for evaluation).
         drop_last: drop each rank's last incomplete batch (True for training).
-        num_workers: DataLoader worker processes (0: load in this process).
+        num_workers: DataLoader worker processes (0: load in this process; -1: from the cores
+            available to this rank, see :func:`workers_per_rank`).
         device: where batches are delivered; None leaves them on the CPU.
         pin_memory: default: True when ``device`` is CUDA.
         persistent_workers, prefetch_factor: as DataLoader (only with workers).
@@ -271,6 +292,7 @@ def build_loader(
     if task not in TASKS:
         raise ValueError(f"build_loader: argument 'task' must be one of {TASKS}; got {task!r}")
     num_replicas, rank = _distributed_defaults(num_replicas, rank)
+    num_workers = workers_per_rank(num_workers)
     if backend == "dali":
         if task != "pretrain":
             raise ValueError(f"build_loader: the DALI backend serves task 'pretrain' only; got task {task!r}")

@@ -92,7 +92,9 @@ class TrainConfig:
         "for segmentation); empty: the built-in demo images (segmentation: synthetic scenes)",
     )
     eval_data_dir: str = _f("", "validation folder for fine-tuning and linear probing")
-    num_workers: int = _f(4, "data loader worker processes per rank")
+    num_workers: int = _f(
+        -1, "data loader worker processes per rank; -1: the cores available per local rank, less one (logged)"
+    )
     data_backend: str = _f(
         "pil", "pil | gpu (batched JPEG decoding by torchvision on the GPU) | dali (when nvidia-dali is installed)"
     )
@@ -139,7 +141,7 @@ class TrainConfig:
             (self.checkpoint_interval >= 1, "--checkpoint-interval must be at least 1"),
             (self.log_interval >= 1, "--log-interval must be at least 1"),
             (self.eval_interval >= 1, "--eval-interval must be at least 1"),
-            (self.num_workers >= 0, "--num-workers cannot be negative"),
+            (self.num_workers >= -1, "--num-workers must be -1 (from the cores) or at least 0"),
             (self.input_size >= 1, "--input-size must be at least 1"),
             (self.second_input_size >= 1, "--second-input-size must be at least 1"),
             (self.codebook_size >= 1, "--codebook-size must be at least 1"),
