@@ -95,6 +95,11 @@ class TrainConfig:
     num_workers: int = _f(
         -1, "data loader worker processes per rank; -1: the cores available per local rank, less one (logged)"
     )
+    fast_decode: bool = _f(
+        False,
+        "pretraining: decode each JPEG at the smallest DCT scale that leaves the crop at least as large as the "
+        "views (the same crops and masks; pixels within resampling noise, see the README)",
+    )
     data_backend: str = _f(
         "pil", "pil | gpu (batched JPEG decoding by torchvision on the GPU) | dali (when nvidia-dali is installed)"
     )
@@ -164,6 +169,10 @@ class TrainConfig:
             (self.nonfinite in ("stop", "skip"), "--nonfinite must be stop or skip"),
             (self.teacher in ("clip", "dino", "hog"), "--teacher must be clip, dino or hog"),
             (self.data_backend in ("pil", "gpu", "dali"), "--data-backend must be pil, gpu or dali"),
+            (
+                not self.fast_decode or (bool(self.data_dir) and self.data_backend == "pil"),
+                "--fast-decode reads JPEG files on the CPU: give --data-dir, with --data-backend pil",
+            ),
             (
                 self.data_backend == "pil" or bool(self.data_dir),
                 f"--data-backend {self.data_backend} decodes JPEG files: give --data-dir (or use --data-backend pil)",
