@@ -17,6 +17,7 @@ from beitv2_fast.data.color import color_jitter
 from beitv2_fast.data.datasets import demo_photo
 from beitv2_fast.data.decode import decode_for_crop, reduction_for
 from beitv2_fast.data.loader import workers_per_rank
+from beitv2_fast.train.config import ConfigError, TrainConfig
 
 
 def _write_jpegs(folder, sizes, quality=90):
@@ -105,3 +106,12 @@ def test_worker_count_follows_the_cores_per_local_rank(monkeypatch, caplog):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert workers_per_rank(-1) == 1
     assert workers_per_rank(3) == 3  # an explicit count is kept
+
+
+def test_fast_decode_option_needs_a_folder_and_the_cpu_backend(tmp_path):
+    options = {"task": "tokenizer", "teacher": "hog", "fast_decode": True}
+    with pytest.raises(ConfigError, match="--fast-decode reads JPEG files on the CPU"):
+        TrainConfig(**options).validate()
+    with pytest.raises(ConfigError, match="--fast-decode reads JPEG files on the CPU"):
+        TrainConfig(**options, data_dir=str(tmp_path), data_backend="gpu").validate()
+    TrainConfig(**options, data_dir=str(tmp_path)).validate()
