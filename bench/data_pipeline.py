@@ -2,9 +2,9 @@
 data pipelines, ours against the official implementation (microsoft/unilm ``beit2/``), on the same
 JPEG files, with 1 and N DataLoader workers.
 
-    python bench/data_pipeline.py --unilm-dir ../unilm                 # both tasks, 1 and all cores
-    python bench/data_pipeline.py --task pretrain --workers 1 --num-images 192
-    python bench/data_pipeline.py --image-size 1000x750 --task pretrain  # larger files (DCT scaling pays)
+    python -m bench.data_pipeline --unilm-dir ../unilm                 # both tasks, 1 and all cores
+    python -m bench.data_pipeline --task pretrain --workers 1 --num-images 192
+    python -m bench.data_pipeline --image-size 1000x750 --task pretrain  # larger files (DCT scaling pays)
 
 Pipelines (``--pipelines``):
 
@@ -59,8 +59,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's packages first
-import _common  # noqa: E402
+from . import _common
 
 PRETRAIN_PIPELINES = ("official", "ours", "ours-uint8", "ours-fast-decode", "ours-gpu")
 FINETUNE_PIPELINES = ("official", "ours", "ours-uint8")
@@ -120,8 +119,7 @@ def cpu_seconds() -> float:
 def import_official(unilm_dir: str):
     """The reference's ``datasets.py`` (with its ``transforms``, ``masking_generator`` and
     ``dataset_folder``) under a private name, so that no installed ``datasets`` package shadows it."""
-    sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # bench/reference, after the repo's packages
-    from reference import unilm
+    from .reference import unilm
 
     path = unilm.find_beit2(unilm_dir)
     if path not in sys.path:
@@ -331,8 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.data_dir and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir!r} is not a folder")
     if args.unilm_dir:
-        sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-        from reference import unilm
+        from .reference import unilm
 
         try:
             unilm.find_beit2(args.unilm_dir)
