@@ -2,9 +2,9 @@
 # The one-command GPU suite, the most valuable figures first: the pretraining step at batch 256
 # (the official implementation, then ours, each with a profiled step), ours with CUDA graphs,
 # batch 512, the tokenizer forward and the other training steps, then the build, the `cuda`
-# tests, the segmentation step, the kernels at the pretraining shapes and the kernel tests on the
-# GPU with what time is left. Each step's cap is a share of the 9 minutes; a step stopped at its
-# cap keeps the rows it measured.
+# tests, the segmentation step, the input pipeline, the kernels at the pretraining shapes and the
+# kernel tests on the GPU with what time is left. Each step's cap is a share of the 9 minutes; a
+# step stopped at its cap keeps the rows it measured.
 #
 #   bash bench/gpu_suite.sh              # on one GPU, in the repository root, in under 9 minutes
 #   bash bench/gpu_suite.sh --dry-run    # the same steps on the CPU with tiny shapes (or BEITV2_GPU_SUITE_CPU=1)
@@ -191,6 +191,17 @@ else
 fi
 run_step "training step: segmentation" 90 \
     "$PY" -m bench.train_step --task segment --providers ours ours-sdpa "${SEGMENT_ARGS[@]}" "${TRAIN_COMMON[@]}"
+
+# 5b. The input pipeline at 224 px: the GPU-decode backend and our CPU workers (uint8 views),
+#     2 workers each, against the official pipeline, on JPEGs written for the run.
+if [ "$DRY" = 1 ]; then
+    DATA_ARGS=(--num-images 64 --batch-size 8 --warmup 1 --device cpu)
+else
+    DATA_ARGS=(--num-images 2048 --batch-size 256 --warmup 1 --batches 6)
+fi
+run_step "data pipeline" 60 \
+    "$PY" -m bench.data_pipeline --task pretrain --workers 2 --pipelines official ours-uint8 ours-gpu \
+    "${DATA_ARGS[@]}" "${UNILM_ARGS[@]}" --markdown "$TABLES"
 
 # 6. The kernels at the pretraining shapes (ViT-B, batch 256).
 if [ "$DRY" = 1 ]; then

@@ -19,6 +19,8 @@ The batches of each task (``batches.py``): "pretrain" gives :class:`PretrainBatc
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -27,11 +29,30 @@ from torch.utils.data import DataLoader
 
 from .batches import ClassificationBatch, PretrainBatch, ResumableLoader, SegmentationBatch, TokenizerBatch
 from .datasets import SkippedImage
+from .decode import CropDecodingDataset
 from .masking import MaskingGenerator
 from .sampling import COLLATE, DEVICE, BatchKey, ResumableBatchSampler
 from .transforms import MixupCutmix, PretrainTransform
 
 TASKS = ("pretrain", "tokenizer", "classification", "segmentation")
+MAX_AUTO_WORKERS = 16  # beyond this the batches of one rank rarely wait on decoding
+log = logging.getLogger("beitv2_fast")
+
+
+def workers_per_rank(requested: int) -> int:
+    """``requested`` when it is 0 or more; for -1, the cores this process may run on shared by the
+    ranks of this node (``LOCAL_WORLD_SIZE``, set by torchrun), less one for the main process
+    (at least 1, at most :data:`MAX_AUTO_WORKERS`); the choice goes to the log."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = max(1, min(MAX_AUTO_WORKERS, cores // local_ranks - 1))
+    log.info(
+        "data: %d loader workers per rank (%d cores for %d local ranks, one core each left to the main "
+        "process; --num-workers sets it)", workers, cores, local_ranks,
+    )  # fmt: skip
+    return workers
 
 
 class _BatchRecipe:
@@ -254,21 +275,24 @@ def build_loader(
         seed: the run's seed; fixes order and augmentations.
         shuffle: shuffle each epoch (False for evaluation).
         drop_last: drop each rank's last incomplete batch (True for training).
-        num_workers: DataLoader worker processes (0: load in this process).
+        num_workers: DataLoader worker processes (0: load in this process; -1: from the cores
+            available to this rank, see :func:`workers_per_rank`).
         device: where batches are delivered; None leaves them on the CPU.
         pin_memory: default: True when ``device`` is CUDA.
         persistent_workers, prefetch_factor: as DataLoader (only with workers).
         num_replicas, rank: data-parallel layout; default: torch.distributed's, or 1 and 0.
-        backend: "torch" (DataLoader) or "dali" (GPU JPEG decoding, "pretrain" only; needs
-            nvidia-dali and a dataset of files).
+        backend: "torch" (DataLoader), "gpu" (batched JPEG decoding by torchvision on ``device``,
+            "pretrain" only, a dataset of files; ``gpu_decode.py``) or "dali" (GPU JPEG decoding,
+            "pretrain" only; needs nvidia-dali and a dataset of files).
         backend_options: extra options of the DALI loader (see ``dali.DaliPretrainLoader``).
 
     Returns:
-        A :class:`Loader` (or a ``DaliPretrainLoader`` with the same interface).
+        A :class:`Loader` (or a ``GpuDecodePretrainLoader`` or ``DaliPretrainLoader``, with the same interface).
     """
     if task not in TASKS:
         raise ValueError(f"build_loader: argument 'task' must be one of {TASKS}; got {task!r}")
     num_replicas, rank = _distributed_defaults(num_replicas, rank)
+    num_workers = workers_per_rank(num_workers)
     if backend == "dali":
         if task != "pretrain":
             raise ValueError(f"build_loader: the DALI backend serves task 'pretrain' only; got task {task!r}")
@@ -286,8 +310,18 @@ def build_loader(
             device=device,
             **backend_options,
         )
+    if backend == "gpu":
+        if task != "pretrain":
+            raise ValueError(f"build_loader: the gpu backend serves task 'pretrain' only; got task {task!r}")
+        from .gpu_decode import GpuDecodePretrainLoader
+
+        return GpuDecodePretrainLoader(
+            dataset, transform, masking, batch_size=batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+            num_replicas=num_replicas, rank=rank, device=device or "cuda", num_workers=num_workers,
+            prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+        )  # fmt: skip
     if backend != "torch":
-        raise ValueError(f"build_loader: argument 'backend' must be 'torch' or 'dali'; got {backend!r}")
+        raise ValueError(f"build_loader: argument 'backend' must be 'torch', 'gpu' or 'dali'; got {backend!r}")
     if backend_options:
         raise TypeError(f"build_loader: unexpected options {sorted(backend_options)} for the torch backend")
     if task == "pretrain":
@@ -296,6 +330,8 @@ def build_loader(
                 "build_loader: task 'pretrain' needs transform=PretrainTransform(...) and masking=MaskingGenerator(...)"
             )
         recipe: _BatchRecipe = _PretrainRecipe(transform, masking)
+        if transform.fast_decode:  # the crop is drawn from the file's header, before decoding
+            dataset = CropDecodingDataset(dataset, transform)
     elif task == "tokenizer":
         recipe = _TokenizerRecipe(transform)
     elif task == "segmentation":

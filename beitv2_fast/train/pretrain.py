@@ -95,7 +95,7 @@ def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
     dataset = build_dataset(config.data_dir or "demo", "train")
     transform = PretrainTransform(
         config.input_size, config.second_input_size, min_crop_scale=config.min_crop_scale,
-        uint8_output=world.device.type == "cuda",
+        uint8_output=world.device.type == "cuda", fast_decode=config.fast_decode,
     )  # fmt: skip
     masking = MaskingGenerator(
         grid, config.num_mask_patches, min_num_patches=min(config.min_mask_patches_per_block, config.num_mask_patches),
@@ -103,7 +103,7 @@ def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
     )  # fmt: skip
     loader = build_loader(
         "pretrain", dataset, batch_size=config.batch_size, transform=transform, masking=masking, seed=config.seed,
-        num_workers=config.num_workers, device=world.device, backend="dali" if config.data_backend == "dali" else "torch",
+        num_workers=config.num_workers, device=world.device, backend={"pil": "torch"}.get(config.data_backend, config.data_backend),
     )  # fmt: skip
 
     def loss(model, batch):
