@@ -55,7 +55,11 @@ def _constructor_parameters(name: str, settings: dict) -> list[str]:
 
     with torch.device("meta"):
         model = create_model(name, **settings)
-    return [p for p in inspect.signature(type(model).__init__).parameters if p != "self"]
+    names = []
+    for cls in type(model).__mro__:  # subclasses pass **kwargs on to their bases
+        if "__init__" in vars(cls) and cls is not nn.Module:
+            names += [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    return names
 
 
 def open_image_dataset(option: str, path: str, split: str, *, need_classes: bool = False):
