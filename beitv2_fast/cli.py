@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .train.config import ArgumentParser
@@ -33,10 +34,17 @@ def run_training(task: str, argv: list[str]) -> dict[str, float]:
     from .train.distributed import process_group
     from .train.loop import seed_everything, train
     from .train.metrics import setup_logging
+    from .train.run_folder import plan_resume
 
     command = next(name for name, t in TRAINING.items() if t == task)
     config = config_from_args(argv, task=task, prog=f"beitv2 {command}")
     check_output_dir(config.output_dir)
+    # Before any process group, model or data: a folder this run must not write, or one whose run ended.
+    start = plan_resume(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if start.complete:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"beitv2 {command}: the run in {config.output_dir} is complete (step {start.step}); nothing to do")
+        return {}
     with process_group() as world:
         setup_logging(world)
         seed_everything(config.seed, world.rank)
@@ -68,7 +76,6 @@ def tokenize(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     import json
-    import os
 
     import torch
 
@@ -81,6 +88,9 @@ def tokenize(argv: list[str]) -> int:
         extra = _parse_key_values(args.tokenizer_kwargs, "--tokenizer-kwargs")
     except ValueError as exc:
         parser.error(str(exc))
+    missing = [path for path in args.images if not os.path.isfile(path)]
+    if missing:
+        parser.error(f"no such image file: {', '.join(missing)}")
     tokenizer = load_tokenizer(
         args.tokenizer_model, args.tokenizer_weight, img_size=args.input_size, codebook_size=args.codebook_size,
         codebook_dim=args.codebook_dim, **extra,
@@ -152,11 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"beitv2 {__version__}")
+        return 0
     command, rest = parser.parse_args(argv[:1]).command, argv[1:]
     try:
         return _run_command(command, rest)
     except _user_errors() as exc:  # a wrong option or file: say which, without a traceback
-        print(f"beitv2 {command}: error: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # the same line from every torchrun rank helps no one
+            print(f"beitv2 {command}: error: {exc}", file=sys.stderr)
         return 2
 
 
@@ -169,6 +185,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _run_command(command: str, rest: list[str]) -> int:
     if command == "env":
+        ArgumentParser(prog="beitv2 env", description="Versions, devices and kernel backends: paste it into a bug "
+                       "report.", allow_abbrev=False).parse_args(rest)  # fmt: skip
         from kernels.env import report
 
         print(report())

@@ -37,7 +37,7 @@ def tiny_run_flags(output_dir, *, steps: int, model_kwargs: bool = True, **overr
         "model": "upernet_beit_base_patch16_512", "input-size": 64, "nb-classes": CLASSES, "batch-size": 8,
         "epochs": 0, "max-steps": steps, "warmup-steps": 5, "sched": "poly", "lr": 2e-3, "min-lr": 0.0,
         "layer-decay": 1.0, "drop-path": 0.0, "weight-decay": 0.01, "clip-grad": 0.0, "amp-dtype": "float32",
-        "num-workers": 0, "log-interval": 1, "eval-interval": 1000, "output-dir": str(output_dir),
+        "num-workers": 0, "log-interval": 1, "eval-interval": 1000, "output-dir": str(output_dir), "data-dir": "synthetic",
     }  # fmt: skip
     values.update(overrides)
     flags = [item for key, value in values.items() for item in (f"--{key}", str(value))]

@@ -102,7 +102,7 @@ def test_flop_count_matches_torch_s_counter():
 
 
 def test_recipes_and_option_checks(tmp_path):
-    base = config_from_args(["--recipe", "seg_ade20k_base"], task="segment")
+    base = config_from_args(["--recipe", "seg_ade20k_base", "--data-dir", "synthetic"], task="segment")
     assert (base.lr, base.layer_decay, base.drop_path, base.max_steps, base.warmup_steps) == (
         5e-5,
         0.75,
@@ -111,7 +111,7 @@ def test_recipes_and_option_checks(tmp_path):
         1500,
     )
     assert (base.sched, base.poly_power, base.min_lr, base.clip_grad, base.input_size) == ("poly", 1.0, 0.0, 0.0, 512)
-    large = config_from_args(["--recipe", "seg_ade20k_large"], task="segment")
+    large = config_from_args(["--recipe", "seg_ade20k_large", "--data-dir", "synthetic"], task="segment")
     assert (large.model, large.lr, large.layer_decay, large.drop_path) == (
         "upernet_beit_large_patch16_512",
         4e-5,

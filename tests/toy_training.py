@@ -46,7 +46,7 @@ from torch import nn
 from beitv2_fast.train import checkpoint as ckpt
 from beitv2_fast.train.config import TrainConfig
 from beitv2_fast.train.distributed import Distributed, process_group
-from beitv2_fast.train.loop import Task, TrainData, train
+from beitv2_fast.train.loop import TrainData, TrainingTask, train
 
 GLOBAL_BATCH = 8
 DIM = 16
@@ -87,7 +87,7 @@ def _hits(fault, step: int, rank: int) -> bool:
     return fault is not None and fault[0] == step and fault[1] == rank
 
 
-def toy_task(world: Distributed, faults: dict | None = None, *, dropout: float = 0.1) -> Task:
+def toy_task(world: Distributed, faults: dict | None = None, *, dropout: float = 0.1) -> TrainingTask:
     faults = faults or {}
     torch.manual_seed(0)  # identical initial weights on every rank and in every run
     per_rank = GLOBAL_BATCH // world.world_size
@@ -123,7 +123,7 @@ def toy_task(world: Distributed, faults: dict | None = None, *, dropout: float =
     def param_groups(model):
         return [{"params": list(model.parameters()), "lr_scale": 1.0}]
 
-    return Task(
+    return TrainingTask(
         model=ToyNet(dropout), loss=loss, param_groups=param_groups, data=TrainData(BATCHES_PER_EPOCH, batches),
         images_per_batch=per_rank, flops_per_image=1.0,
     )  # fmt: skip

@@ -477,3 +477,4 @@ def export_safetensors(
         raise ValueError(f"layout must be one of {sorted(converters)}; got {layout!r}")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in converters[layout](state_dict).items()}
     save_file(tensors, os.fspath(path), metadata=metadata)
+    os.chmod(path, 0o644)  # safetensors writes owner-only files; weights are meant to be shared

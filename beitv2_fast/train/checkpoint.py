@@ -197,6 +197,14 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def read_state(path: str) -> dict:
+    """The run state (``state.json``) of a complete checkpoint folder."""
+    if not _is_complete(path):
+        raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no .metadata or state.json)")
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
 def load_checkpoint(
     path: str,
     model: nn.Module,
@@ -206,10 +214,7 @@ def load_checkpoint(
     extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Restore model, optimizer, extra tensors and this rank's RNG; return the run state."""
-    if not _is_complete(path):
-        raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no .metadata or state.json)")
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
+    state = read_state(path)
     if state["world_size"] != world.world_size:
         raise ValueError(
             f"--resume {path}: saved with {state['world_size']} ranks, resumed with {world.world_size}; "
@@ -225,14 +230,15 @@ def load_checkpoint(
     return state
 
 
-def export_safetensors(model: nn.Module, path: str, world: Distributed) -> None:
+def export_safetensors(model: nn.Module, path: str, world: Distributed, metadata: dict[str, str] | None = None) -> None:
     """Write the full model weights (official key names) as one safetensors file, from rank 0,
-    through a temporary file so that a crash never leaves a truncated export."""
+    through a temporary file so that a crash never leaves a truncated export. ``metadata``: string
+    pairs for the header (the model name and constructor settings)."""
     from ..models.convert import export_safetensors as write_safetensors
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.is_main:
         tmp = path + ".tmp"
-        write_safetensors(full, tmp, metadata={"format": "pt"})
+        write_safetensors(full, tmp, metadata={"format": "pt", **(metadata or {})})
         os.replace(tmp, path)
     barrier()

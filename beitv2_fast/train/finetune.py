@@ -8,11 +8,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..data import EvalTransform, FinetuneTransform, MixupCutmix, build_dataset, build_loader
-from ..models import LinearProbe, create_model, get_parameter_groups, load_for_finetuning
+from ..data import EvalTransform, FinetuneTransform, MixupCutmix, build_loader
+from ..models import LinearProbe, get_parameter_groups, load_for_finetuning
 from .config import ConfigError, TrainConfig
 from .distributed import Distributed, all_reduce
-from .loop import Task, TrainData
+from .inputs import check_batch_fits, create_checked_model, open_image_dataset, validation_folder
+from .loop import TrainData, TrainingTask
 from .metrics import vit_forward_flops
 
 log = logging.getLogger("beitv2_fast")
@@ -29,11 +30,12 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: 
 def build_classifier(config: TrainConfig) -> torch.nn.Module:
     """The fine-tuning model, or a linear probe on a frozen backbone, with the pretrained weights."""
     linprobe = config.task == "linprobe"
-    model = create_model(
-        config.model, img_size=config.input_size, num_classes=0 if linprobe else config.nb_classes,
+    settings = dict(
+        img_size=config.input_size, num_classes=0 if linprobe else config.nb_classes,
         drop_path_rate=0.0 if linprobe else config.drop_path, use_mean_pooling=not config.use_cls,
-        init_values=config.layer_scale_init_value or None, **config.model_kwargs,
+        **config.layer_scale_kwargs(),
     )  # fmt: skip
+    model = create_checked_model(config.model, settings, config.model_kwargs)
     if config.finetune:
         load_for_finetuning(
             model, config.finetune, model_key=config.model_key, model_prefix=config.model_prefix,
@@ -44,20 +46,28 @@ def build_classifier(config: TrainConfig) -> torch.nn.Module:
     return model
 
 
-def build_finetune_task(config: TrainConfig, world: Distributed) -> Task:
+def build_finetune_task(config: TrainConfig, world: Distributed) -> TrainingTask:
     config.validate()
     model = build_classifier(config)
-    dataset = build_dataset(config.data_dir or "demo", "train")
-    config_classes = getattr(dataset, "num_classes", config.nb_classes)
-    if config_classes != config.nb_classes:
-        raise ConfigError(f"--nb-classes {config.nb_classes} differs from the {config_classes} classes in the data")
+    dataset = open_image_dataset("--data-dir", config.data_dir, "train", need_classes=True)
+    check_batch_fits(config.batch_size, dataset, world.world_size)
+    if dataset.num_classes != config.nb_classes:
+        raise ConfigError(
+            f"--nb-classes {config.nb_classes} differs from the {dataset.num_classes} classes in --data-dir "
+            f"{config.data_dir}; pass --nb-classes {dataset.num_classes}"
+        )
     on_gpu = world.device.type == "cuda"
     if config.task == "linprobe":
-        transform = FinetuneTransform(config.input_size, auto_augment=None, reprob=0.0, uint8_output=on_gpu)
+        transform = FinetuneTransform(
+            config.input_size, auto_augment=None, reprob=0.0, interpolation=config.train_interpolation,
+            uint8_output=on_gpu,
+        )  # fmt: skip
     else:
-        transform = FinetuneTransform(config.input_size, reprob=config.reprob, uint8_output=on_gpu)
+        transform = FinetuneTransform(
+            config.input_size, reprob=config.reprob, interpolation=config.train_interpolation, uint8_output=on_gpu
+        )
     mixup = None
-    if config.mixup > 0 or config.cutmix > 0:
+    if config.task == "finetune" and (config.mixup > 0 or config.cutmix > 0):  # a probe never mixes
         mixup = MixupCutmix(
             config.nb_classes, mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.smoothing
         )
@@ -65,36 +75,57 @@ def build_finetune_task(config: TrainConfig, world: Distributed) -> Task:
         "classification", dataset, batch_size=config.batch_size, transform=transform, mixup=mixup, seed=config.seed,
         num_workers=config.num_workers, device=world.device,
     )  # fmt: skip
-    eval_dataset = build_dataset(config.eval_data_dir or config.data_dir or "demo", "val")
-    eval_loader = build_loader(
-        "classification", eval_dataset, batch_size=config.batch_size, transform=EvalTransform(config.input_size),
-        seed=config.seed, shuffle=False, drop_last=False, num_workers=config.num_workers, device=world.device,
-    )  # fmt: skip
+    eval_dir = validation_folder(config.data_dir, config.eval_data_dir)
+    evaluate = None
+    if eval_dir is not None:
+        option = "--eval-data-dir" if config.eval_data_dir else "--data-dir (its val/ folder)"
+        eval_dataset = open_image_dataset(option, eval_dir, "val", need_classes=True)
+        if eval_dataset.num_classes != config.nb_classes:
+            raise ConfigError(
+                f"{option} {eval_dir}: {eval_dataset.num_classes} classes, the training data {config.nb_classes}"
+            )
+        eval_loader = build_loader(
+            "classification", eval_dataset, batch_size=config.batch_size, transform=EvalTransform(config.input_size),
+            seed=config.seed, shuffle=False, drop_last=False, num_workers=config.num_workers, device=world.device,
+        )  # fmt: skip
+
+        def evaluate(model, step) -> dict[str, float]:
+            return evaluate_classifier(model, eval_loader, world)
 
     def loss(model, batch):
         images, targets = batch
         value = classification_loss(model(images), targets, config.smoothing)
         return value, {}
 
-    @torch.no_grad()
-    def evaluate(model, step) -> dict[str, float]:
-        sums = torch.zeros(3, device=world.device)  # correct@1, correct@5, images
-        eval_loader.set_epoch(0)
-        for images, labels in eval_loader:
-            top5 = model(images).topk(min(5, config.nb_classes), dim=-1).indices
-            hits = top5 == labels[:, None]
-            sums += torch.stack(
-                [hits[:, 0].sum(), hits.any(-1).sum(), torch.tensor(labels.numel(), device=hits.device)]
-            )
-        correct1, correct5, count = all_reduce(sums).tolist()
-        return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count}
-
     backbone = model.backbone if config.task == "linprobe" else model
     forward = vit_forward_flops(backbone.patch_embed.num_patches + 1, backbone.embed_dim, len(backbone.blocks))
     layer_decay = config.layer_decay if config.task == "finetune" and config.layer_decay < 1 else None
-    return Task(
+    return TrainingTask(
         model=model, loss=loss,
         param_groups=lambda m: get_parameter_groups(m, config.weight_decay, layer_decay),
         data=TrainData.from_loader(loader), images_per_batch=config.batch_size,
         flops_per_image=forward if config.task == "linprobe" else 3 * forward, evaluate=evaluate,
+        best_metric="acc1",
+        model_settings={} if config.task == "linprobe" else dict(
+            img_size=config.input_size, num_classes=config.nb_classes, use_mean_pooling=not config.use_cls,
+            **config.layer_scale_kwargs(),
+        ),
     )  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_classifier(model: torch.nn.Module, loader, world: Distributed) -> dict[str, float]:
+    """Top-1, top-5 (percent) and cross-entropy of ``model`` over ``loader`` (each rank its share,
+    summed over the ranks), as the official ``engine_for_finetuning.evaluate``."""
+    sums = torch.zeros(4, device=world.device, dtype=torch.float64)  # correct@1, correct@5, loss sum, images
+    loader.set_epoch(0)
+    for images, labels in loader:
+        logits = model(images).float()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hits = top5 == labels[:, None]
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        sums += torch.stack(
+            [hits[:, 0].sum(), hits.any(-1).sum(), loss, torch.tensor(labels.numel(), device=hits.device)]
+        ).double()
+    correct1, correct5, loss_sum, count = all_reduce(sums).tolist()
+    return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "loss": loss_sum / count}

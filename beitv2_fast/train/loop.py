@@ -1,7 +1,7 @@
 """The one training loop, shared by tokenizer training, pretraining, fine-tuning and probing.
 
 A task (``train/tokenizer.py``, ``train/pretrain.py``, ``train/finetune.py``, ``train/segment.py``) supplies a
-:class:`Task`: the model, the loss of one batch, the parameter groups, the data and the FLOPs
+:class:`TrainingTask`: the model, the loss of one batch, the parameter groups, the data and the FLOPs
 of one image. The loop owns everything else: distribution, mixed precision, accumulation,
 clipping, the non-finite check, the schedule, logging, checkpoints and exact resume.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -23,8 +24,9 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_output_dir, save_config
-from .distributed import Distributed, broadcast_buffers, choose_parallel, parallelize, unwrap
+from .distributed import Distributed, barrier, broadcast_buffers, choose_parallel, parallelize, unwrap
 from .metrics import MetricLogger, log
+from .run_folder import delete_run, plan_resume, run_settings, trim_metrics
 from .step import (  # noqa: F401 - NonFiniteError is re-exported
     NonFiniteError,
     NonFiniteGuard,
@@ -70,7 +72,7 @@ class TrainData:
 
 
 @dataclasses.dataclass
-class Task:
+class TrainingTask:
     """What a task gives the loop.
 
     Args:
@@ -87,6 +89,10 @@ class Task:
         frozen: modules that run without gradients (the tokenizer); moved to the device (in bf16
             under bf16 autocast: no fp32 master copy) and compiled with the model, never sharded
             or optimised.
+        best_metric: the ``evaluate`` figure to maximise: the model with the best value so far is
+            exported as ``model_best.safetensors``.
+        model_settings: the constructor settings of ``model`` (``create_model(name, **settings)``),
+            saved in the exports' metadata so that loading them needs no settings retyped.
     """
 
     model: nn.Module
@@ -100,13 +106,15 @@ class Task:
     on_epoch_start: Callable[[nn.Module, int], None] | None = None
     on_end: Callable[[nn.Module, str], None] | None = None
     frozen: list[nn.Module] = dataclasses.field(default_factory=list)
+    best_metric: str | None = None
+    model_settings: dict = dataclasses.field(default_factory=dict)
 
 
-def cosine_lr(step: int, total: int, warmup: int, base: float, final: float) -> float:
-    """Linear warmup from 0 over ``warmup`` steps, then cosine from ``base`` to ``final``
+def cosine_lr(step: int, total: int, warmup: int, base: float, final: float, start: float = 0.0) -> float:
+    """Linear warmup from ``start`` over ``warmup`` steps, then cosine from ``base`` to ``final``
     (microsoft/unilm beit2/utils.py ``cosine_scheduler``, per step)."""
     if step < warmup:
-        return base * step / warmup
+        return start + (base - start) * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
 
@@ -121,6 +129,28 @@ def poly_lr(
     if step < warmup:
         lr *= 1.0 - (1.0 - step / warmup) * (1.0 - warmup_ratio)
     return lr
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is
+    emulated and several times slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``--amp-dtype`` on ``device``: ``auto`` is bfloat16 on GPUs and on CPUs
+    with native bf16, else float32 (said in the log)."""
+    if name != "auto":
+        return AMP_DTYPES[name]
+    if device.type == "cuda" or cpu_has_native_bf16():
+        return torch.bfloat16
+    log.info("--amp-dtype auto: float32, as this CPU has no native bf16 (AVX512-BF16/AMX) and emulates it slowly")
+    return torch.float32
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -161,11 +191,17 @@ def build_optimizer(groups: list[dict], config: TrainConfig, device: torch.devic
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, float]:
-    """Run ``task`` to the end (or ``max_steps``); return the last logged metrics."""
+def train(config: TrainConfig, task: TrainingTask, world: Distributed) -> dict[str, float]:
+    """Run ``task`` to the end of its schedule (or to ``max_steps``); return the last logged metrics.
+
+    A folder whose run already ended is left as it is (an empty dict is returned)."""
     check_output_dir(config.output_dir)
+    start = plan_resume(config, world.world_size)
+    if start.complete:
+        log.info("the run in %s is complete (step %d); nothing to do", config.output_dir, start.step)
+        return {}
     device = world.device
-    amp_dtype = AMP_DTYPES[config.amp_dtype]
+    amp_dtype = resolve_amp_dtype(config.amp_dtype, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
@@ -193,62 +229,68 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
     if steps_per_epoch < 1:
         raise ConfigError(
             f"--batch-size {config.batch_size} x --grad-accum-steps {config.grad_accum_steps} leaves no full step "
-            f"in an epoch of {task.data.batches_per_epoch} batches per rank; use a smaller batch or more data"
+            f"in an epoch of {task.data.batches_per_epoch} batches per rank; lower --batch-size or "
+            "--grad-accum-steps, or use more data"
         )
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps) if config.epochs else config.max_steps
+    # The schedule spans --epochs (--max-steps alone when there are none); --max-steps stops early.
+    total_steps = steps_per_epoch * config.epochs if config.epochs else config.max_steps
+    stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
     warmup_steps = config.warmup_steps or round(config.warmup_epochs * steps_per_epoch)
     global_batch = task.images_per_batch * config.grad_accum_steps * world.world_size
 
     checkpoint_root = os.path.join(config.output_dir, "checkpoints")
     extra = {"scaler_scale": torch.ones(())} if scaler is not None else None
     step = 0
-    resume_from = None
-    if config.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(checkpoint_root)
-    elif config.resume not in ("", "none"):
-        resume_from = config.resume
-    if resume_from:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, world, extra_tensors=extra)
-        step = state["step"]
+    best = {}
+    if start.checkpoint:
+        state = ckpt.load_checkpoint(start.checkpoint, model, optimizer, world, extra_tensors=extra)
+        step, best = state["step"], state.get("best", {})
         if task.data.load_state_dict is not None and "data" in state:
             try:  # refuses another data set size, world size, batch size or seed
                 task.data.load_state_dict(state["data"])
             except ValueError as exc:
-                raise ConfigError(f"--resume {resume_from}: {exc}") from None
+                raise ConfigError(f"--resume {start.checkpoint}: {exc}") from None
         if scaler is not None:
             scaler.update(new_scale=float(extra["scaler_scale"]))
-        log.info("resumed from %s at step %d", resume_from, step)
+        log.info("resumed from %s at step %d", start.checkpoint, step)
     if world.is_main:
+        if start.overwrite:
+            log.info("--overwrite: deleting the previous run's files in %s", config.output_dir)
+            delete_run(config.output_dir)
         os.makedirs(config.output_dir, exist_ok=True)
+        trim_metrics(config.output_dir, step)
         save_config(config, os.path.join(config.output_dir, "config.yaml"))
+    barrier()
 
     logger = MetricLogger(
         config.output_dir, world, flops_per_image=task.flops_per_image, global_batch=global_batch,
-        total_steps=total_steps, use_wandb=config.log_wandb, config=dataclasses.asdict(config),
+        total_steps=stop_step, steps_per_epoch=steps_per_epoch, start_step=step, use_wandb=config.log_wandb,
+        config=dataclasses.asdict(config),
     )  # fmt: skip
     log.info(
-        "%s: %s, %d ranks (%s), %d steps of %d images, %s", config.task, config.model, world.world_size,
-        parallel, total_steps, global_batch, config.amp_dtype,
+        "%s: %s, %d ranks (%s), %d steps of %d images (schedule: %d steps), %s", config.task, config.model,
+        world.world_size, parallel, stop_step, global_batch, total_steps, str(amp_dtype).removeprefix("torch."),
     )  # fmt: skip
+    run_state = {"run": run_settings(config, world.world_size), "stop_step": stop_step, "max_steps": config.max_steps}
+    metadata = export_metadata(config, task)
 
     def save(at_step: int) -> None:
         broadcast_buffers(model)
         if scaler is not None:
             extra["scaler_scale"].fill_(scaler.get_scale())
-        run_state = {"epoch": at_step // steps_per_epoch}
+        state = {"epoch": at_step // steps_per_epoch, "best": best, **run_state}
         if task.data.state_dict is not None:
-            run_state["data"] = task.data.state_dict()
-        ckpt.save_checkpoint(
-            checkpoint_root, at_step, model, optimizer, world, state=run_state,
-            extra_tensors=extra, keep=config.keep_checkpoints,
+            state["data"] = task.data.state_dict()
+        path = ckpt.save_checkpoint(
+            checkpoint_root, at_step, model, optimizer, world, state=state, extra_tensors=extra,
+            keep=config.keep_checkpoints,
         )  # fmt: skip
+        log.info("saved checkpoint %s", os.path.basename(path))
 
     last: dict[str, float] = {}
     model.train()
     batches: Iterator[Any] | None = None
-    while step < total_steps:
+    while step < stop_step:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if batches is None or step_in_epoch == 0:
             batches = task.data.batches(epoch, step_in_epoch * config.grad_accum_steps)
@@ -257,7 +299,7 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
         if config.sched == "poly":
             lr = poly_lr(step, total_steps, warmup_steps, config.lr, config.min_lr, config.poly_power)
         else:
-            lr = cosine_lr(step, total_steps, warmup_steps, config.lr, config.min_lr)
+            lr = cosine_lr(step, total_steps, warmup_steps, config.lr, config.min_lr, config.warmup_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
@@ -265,9 +307,9 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
         loss_sum = torch.zeros((), device=device)
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(config.grad_accum_steps):
-            start = time.perf_counter()
+            fetch_began = time.perf_counter()
             batch = _move(next(batches), device)
-            data_seconds += time.perf_counter() - start
+            data_seconds += time.perf_counter() - fetch_began
             begin_graphed_step(graph_mode)
             with _gradient_sync(model, micro == config.grad_accum_steps - 1), autocast:
                 loss, metrics = task.loss(model, batch)
@@ -292,12 +334,16 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
                       applied)  # fmt: skip
         step += 1
 
-        log_now = step % config.log_interval == 0 or step == total_steps
-        save_now = step % config.checkpoint_interval == 0 or step == total_steps
+        log_now = step % config.log_interval == 0 or step == stop_step
         epoch_done = step % steps_per_epoch == 0
         evaluate_now = (
             task.evaluate is not None and epoch_done and (step // steps_per_epoch) % config.eval_interval == 0
         )
+        by_epochs = (
+            config.checkpoint_epochs and epoch_done and (step // steps_per_epoch) % config.checkpoint_epochs == 0
+        )
+        save_now = (not config.checkpoint_epochs and step % config.checkpoint_interval == 0) or by_epochs
+        save_now = save_now or step == stop_step
         if log_now or save_now or evaluate_now:
             guard.check()  # stop (every rank: the flags are all-reduced) before anything is written
         if log_now and logger.steps:
@@ -306,17 +352,35 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
                 extra_values.update(task.on_log(unwrap(model)))
             totals = {"data_skipped": task.data.num_skipped()} if task.data.num_skipped is not None else None
             last = logger.write(step, extra_values, totals) or last
-        if save_now:
-            save(step)
         if evaluate_now:
             model.eval()
             broadcast_buffers(model)
-            logger.scalars("eval", step, task.evaluate(model, step))
+            results = task.evaluate(model, step)
             model.train()
+            if task.best_metric is not None and results[task.best_metric] > best.get(task.best_metric, -math.inf):
+                best = {**results, "step": step}
+                ckpt.export_safetensors(
+                    model, os.path.join(config.output_dir, "model_best.safetensors"), world, metadata
+                )
+            if task.best_metric is not None:
+                results = {**results, f"best_{task.best_metric}": best[task.best_metric]}
+            logger.scalars("eval", step, results)
+        if save_now:
+            save(step)
 
     broadcast_buffers(model)
     if task.on_end is not None:
         task.on_end(model, config.output_dir)
-    ckpt.export_safetensors(model, os.path.join(config.output_dir, "model.safetensors"), world)
+    ckpt.export_safetensors(model, os.path.join(config.output_dir, "model.safetensors"), world, metadata)
     logger.close()
     return last
+
+
+def export_metadata(config: TrainConfig, task: TrainingTask) -> dict[str, str]:
+    """The header of the exported weights: the model name and its constructor settings, so that
+    ``tokenize``, ``convert``, ``eval`` and ``--finetune`` rebuild it without settings retyped."""
+    return {
+        "beitv2_fast.task": config.task,
+        "beitv2_fast.model": config.model,
+        "beitv2_fast.model_kwargs": json.dumps({**task.model_settings, **config.model_kwargs}),
+    }

@@ -46,6 +46,12 @@ def setup_logging(world: Distributed) -> None:
     )
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
 class MetricLogger:
     """Accumulates device-side metrics and writes one line per interval.
 
@@ -54,6 +60,8 @@ class MetricLogger:
             ``<output_dir>/metrics.jsonl`` (rank 0 only).
         flops_per_image: training FLOPs of one image (forward + backward + frozen parts) for MFU.
         global_batch: images per optimizer step over all ranks.
+        total_steps: the step the run stops at; ``steps_per_epoch`` and ``start_step`` (where a
+            resumed run starts) give each line its epoch, elapsed time and ETA.
     """
 
     def __init__(
@@ -64,6 +72,8 @@ class MetricLogger:
         flops_per_image: float,
         global_batch: int,
         total_steps: int,
+        steps_per_epoch: int = 0,
+        start_step: int = 0,
         use_wandb: bool = False,
         config: dict | None = None,
     ):
@@ -71,6 +81,9 @@ class MetricLogger:
         self.flops_per_image = flops_per_image
         self.global_batch = global_batch
         self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.start_step = start_step
+        self.run_start = time.perf_counter()
         self.peak = peak_flops(world.device)
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
@@ -93,7 +106,7 @@ class MetricLogger:
             if sys.stderr.isatty():
                 from tqdm import tqdm
 
-                self.progress = tqdm(total=total_steps, dynamic_ncols=True, leave=False)
+                self.progress = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=False)
 
     def update(self, metrics: dict[str, torch.Tensor], data_seconds: float, applied: torch.Tensor) -> None:
         """Add one optimizer step's metrics (0-d device tensors, already detached); a step whose
@@ -144,6 +157,12 @@ class MetricLogger:
 
     def _emit(self, step: int, values: dict[str, float]) -> None:
         parts = [f"step {step}/{self.total_steps}"]
+        if self.steps_per_epoch:
+            parts.append(f"epoch {(step - 1) // self.steps_per_epoch}")
+        elapsed = time.perf_counter() - self.run_start
+        done = step - self.start_step
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
+        parts.append(f"elapsed {_duration(elapsed)}  eta {_duration(eta)}")
         for key, value in values.items():
             parts.append(f"{key} {value:.4g}")
         line = "  ".join(parts)
@@ -153,7 +172,7 @@ class MetricLogger:
             log.info(line)
         for key, value in values.items():
             self.writer.add_scalar(f"train/{key}", value, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log(values, step=step)
@@ -165,7 +184,7 @@ class MetricLogger:
         log.info("%s step %d  %s", prefix, step, "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
         for key, value in values.items():
             self.writer.add_scalar(f"{prefix}/{key}", value, step)
-        self.jsonl.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), "split": prefix, **values}) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)

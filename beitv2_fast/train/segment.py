@@ -44,7 +44,7 @@ from ..models.segmentation import (
 )
 from .config import ArgumentParser, ConfigError, TrainConfig
 from .distributed import Distributed, all_reduce, unwrap
-from .loop import AMP_DTYPES, Task, TrainData
+from .loop import AMP_DTYPES, TrainData, TrainingTask, resolve_amp_dtype
 from .metrics import vit_forward_flops
 
 log = logging.getLogger("beitv2_fast")
@@ -289,7 +289,7 @@ def build_segmentor(config: TrainConfig, num_classes: int) -> BEiTUperNet:
     check_segmentation_model(config.model)
     model = create_model(
         config.model, img_size=config.input_size, num_classes=num_classes, drop_path_rate=config.drop_path,
-        init_values=config.layer_scale_init_value or None, **config.model_kwargs,
+        **config.layer_scale_kwargs(), **config.model_kwargs,
     )  # fmt: skip
     if config.finetune:
         unused = load_segmentation_checkpoint(model, config.finetune)
@@ -318,7 +318,7 @@ def segment_datasets(config: TrainConfig):
     return train_set, val_set
 
 
-def build_segment_task(config: TrainConfig, world: Distributed) -> Task:
+def build_segment_task(config: TrainConfig, world: Distributed) -> TrainingTask:
     config.validate()
     train_set, val_set = segment_datasets(config)
     sync_bn = world.enabled and world.device.type == "cuda"  # the official SyncBN (gloo on CPUs has none)
@@ -337,11 +337,11 @@ def build_segment_task(config: TrainConfig, world: Distributed) -> Task:
     )  # fmt: skip
     aux_weight = model.aux_loss_weight
     layer_decay = config.layer_decay if config.layer_decay < 1 else None
-    amp_dtype = AMP_DTYPES[config.amp_dtype]
+    amp_dtype = resolve_amp_dtype(config.amp_dtype, world.device)
 
     def build_replica() -> BEiTUperNet:
         return create_model(config.model, img_size=config.input_size, num_classes=config.nb_classes,
-                            init_values=config.layer_scale_init_value or None, **config.model_kwargs)  # fmt: skip
+                            **config.layer_scale_kwargs(), **config.model_kwargs)  # fmt: skip
 
     def loss(model, batch):
         return segmentation_loss(model(batch.images), batch.labels, aux_weight=aux_weight)
@@ -366,7 +366,7 @@ def build_segment_task(config: TrainConfig, world: Distributed) -> Task:
             with open(os.path.join(output_dir, "segmentation_eval.json"), "w") as f:
                 json.dump(_finite_or_none(summary), f, indent=1)
 
-    return Task(
+    return TrainingTask(
         model=model, loss=loss,
         param_groups=lambda m: get_parameter_groups(m, config.weight_decay, layer_decay),
         data=TrainData.from_loader(loader), images_per_batch=config.batch_size,

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from ..data import TokenizerTransform, build_dataset, build_loader
-from ..models import create_model, get_parameter_groups
+from ..data import TokenizerTransform, build_loader
+from ..models import get_parameter_groups
 from .config import TrainConfig
 from .distributed import Distributed
-from .loop import Task, TrainData
+from .inputs import check_batch_fits, create_checked_model, open_image_dataset
+from .loop import TrainData, TrainingTask
 from .metrics import vit_forward_flops
 
 
@@ -22,17 +23,18 @@ def tokenizer_flops_per_image(tokenizer, teacher: str) -> float:
     return 3 * trained + teacher_flops
 
 
-def build_tokenizer_task(config: TrainConfig, world: Distributed) -> Task:
+def build_tokenizer_task(config: TrainConfig, world: Distributed) -> TrainingTask:
     config.validate()
     teacher_kwargs = {"teacher": config.teacher}
     if config.teacher in ("clip", "dino"):
         teacher_kwargs["teacher_checkpoint"] = config.teacher_weight
-    tokenizer = create_model(
-        config.model, img_size=config.input_size, n_code=config.codebook_size, code_dim=config.codebook_dim,
+    settings = dict(
+        img_size=config.input_size, n_code=config.codebook_size, code_dim=config.codebook_dim,
         quantize_kmeans_init=config.quantize_kmeans_init, decay=config.ema_decay, **teacher_kwargs,
-        **config.model_kwargs,
     )  # fmt: skip
-    dataset = build_dataset(config.data_dir or "demo", "train")
+    tokenizer = create_checked_model(config.model, settings, config.model_kwargs)
+    dataset = open_image_dataset("--data-dir", config.data_dir, "train")
+    check_batch_fits(config.batch_size, dataset, world.world_size)
     transform = TokenizerTransform(config.input_size, min_crop_scale=config.min_crop_scale)
     loader = build_loader(
         "tokenizer", dataset, batch_size=config.batch_size, transform=transform, seed=config.seed,
@@ -47,11 +49,12 @@ def build_tokenizer_task(config: TrainConfig, world: Distributed) -> Task:
     def usage(model) -> dict[str, float]:
         return {key: float(value) for key, value in model.quantize.usage_metrics().items()}
 
-    return Task(
+    return TrainingTask(
         model=tokenizer, loss=loss,
         param_groups=lambda model: get_parameter_groups(model, config.weight_decay),
         data=TrainData.from_loader(loader), images_per_batch=config.batch_size,
         flops_per_image=tokenizer_flops_per_image(tokenizer, config.teacher),
         on_log=usage,
         on_epoch_start=lambda model, epoch: model.quantize.reset_cluster_size(),
+        model_settings=dict(img_size=config.input_size, n_code=config.codebook_size, code_dim=config.codebook_dim),
     )  # fmt: skip

@@ -58,7 +58,8 @@ def _assert_one_error_line(returncode, stderr, command, *expected):
 def test_real_processes_fail_fast_with_one_line(files, tmp_path):
     tok = str(files / "tok.safetensors")
     tiny = ["--model", "beit_tiny_patch16_224_8k_vocab_cls_pt", "--input-size", "32", "--second-input-size", "32",
-            "--codebook-size", "32", "--num-mask-patches", "2", *TOKENIZER_KWARGS]  # fmt: skip
+            "--codebook-size", "32", "--num-mask-patches", "2", "--min-mask-patches-per-block", "1", "--data-dir", "demo",
+            *TOKENIZER_KWARGS]  # fmt: skip
     commands = {
         "unknown flag": ["pretrain", "--tokenizer-weight", tok, "--batch-sise", "8", "--output-dir", "out1"],
         "batch size 0": ["pretrain", "--tokenizer-weight", tok, "--batch-size", "0", "--output-dir", "out2"],
@@ -104,9 +105,10 @@ CASES = {
     "mistyped yaml": (["finetune", "--config", "{root}/mistyped.yaml"], ["batch_size in", "'lots' is not a"]),
     "missing yaml": (["finetune", "--config", "{root}/nope.yaml"], ["--config", "No such file"]),
     "resume": (["finetune", "--resume", "{root}/nope"], ["--resume", "no such checkpoint folder"]),
-    "output dir": (["finetune", "--output-dir", "{root}/not-a-folder/run"], ["--output-dir", "is not writable"]),
+    "output dir": (["finetune", "--data-dir", "demo", "--output-dir", "{root}/not-a-folder/run"], ["--output-dir", "is not writable"]),
     "tokenize codebook": (["tokenize", "--tokenizer-weight", "{tok}", *TOKENIZER_KWARGS, "--input-size", "32",
-                           "--codebook-size", "64", "--codebook-dim", "16", "x.png"], ["--codebook-size 64 does not match"]),
+                           "--codebook-size", "64", "--codebook-dim", "16", "{root}/not-a-folder"], ["--codebook-size 64 does not match"]),
+    "tokenize missing image": (["tokenize", "--tokenizer-weight", "{tok}", "{root}/nope.png"], ["no such image file", "nope.png"]),
     "convert layout": (["convert", "a.pth", "b.pth", "--model", "beit_base_patch16_224", "--to", "onnx"],
                        ["argument --to: invalid choice: 'onnx'"]),
 }  # fmt: skip

@@ -164,7 +164,9 @@ def test_every_command_refuses_code_with_one_line(command, evil, tmp_path, monke
     for container in ("legacy pickle", "torch.save zip"):
         argv = [a.replace("{evil}", str(files[container])) for a in CLI_COMMANDS[command]]
         argv += (
-            ["--output-dir", str(tmp_path / "run")] if command in ("finetune", "pretrain", "train-tokenizer") else []
+            ["--output-dir", str(tmp_path / "run"), "--data-dir", "demo"]
+            if command in ("finetune", "pretrain", "train-tokenizer")
+            else []
         )
         assert cli.main(argv) == 2
         lines = capsys.readouterr().err.strip().splitlines()

@@ -1,0 +1,164 @@
+"""The training commands (issue 15): each with its own flags, defaults and help; the official and
+timm spellings; mistakes that stop with one line before training; a tiny fine-tuning run that
+evaluates on the validation split, keeps the best model and describes what it read. In-process
+(``cli.main``), tiny models."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from beitv2_fast import cli
+from beitv2_fast.models import create_model, export_safetensors
+from beitv2_fast.train.config import config_from_args
+from beitv2_fast.train.inputs import validation_folder
+
+TOKENIZER_NAME = "vqkd_encoder_tiny_decoder_1x192x3_hog"
+TINY_TOKENIZER = dict(img_size=32, n_code=32, code_dim=16, encoder_config={"depth": 1}, decoder_config={"depth": 1})
+TINY_PRETRAIN = ["--model", "beit_tiny_patch16_224_8k_vocab_cls_pt", "--input-size", "32", "--second-input-size", "32",
+                 "--codebook-size", "32", "--codebook-dim", "16", "--num-mask-patches", "2",
+                 "--min-mask-patches-per-block", "1", "--tokenizer-model", TOKENIZER_NAME, "--tokenizer-kwargs",
+                 "encoder_config={depth: 1}", "decoder_config={depth: 1}", "--data-dir", "demo"]  # fmt: skip
+TINY_FINETUNE = ["--data-dir", "demo", "--model", "beit_tiny_patch16_224", "--model-kwargs", "depth=1",
+                 "--input-size", "32", "--nb-classes", "14", "--num-workers", "0", "--amp-dtype", "float32"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("commands")
+    export_safetensors(create_model(TOKENIZER_NAME, as_tokenzer=True, **TINY_TOKENIZER), root / "tok.safetensors")
+    (root / "empty").mkdir()
+    (root / "flat").mkdir()
+    Image.new("RGB", (40, 40)).save(root / "flat" / "a.png")
+    return root
+
+
+def _status(argv) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_each_command_lists_its_own_flags_and_defaults(capsys):
+    assert _status(["train-tokenizer", "--help"]) == 0
+    tokenizer = capsys.readouterr().out
+    assert "vqkd_encoder_base_decoder_3x768x12_clip" in tokenizer and "--teacher" in tokenizer
+    assert "--tokenizer-weight" not in tokenizer and "--task" not in tokenizer and "--mixup" not in tokenizer
+    assert _status(["finetune", "--help"]) == 0
+    finetune = capsys.readouterr().out
+    assert "--num-mask-patches" not in finetune and "--teacher" not in finetune
+    config = config_from_args(["--data-dir", "demo"], task="finetune")
+    # run_class_finetuning.py's defaults
+    assert (config.lr, config.epochs, config.layer_decay, config.batch_size, config.warmup_epochs) == (
+        5e-4, 30, 0.9, 64, 5,
+    )  # fmt: skip
+    assert (config.mixup, config.cutmix, config.drop_path, config.min_lr) == (0.0, 0.0, 0.1, 1e-6)
+    assert _status(["linprobe", "--help"]) == 0
+    assert "--mixup" not in capsys.readouterr().out
+    assert _status(["--version"]) == 0 and capsys.readouterr().out.startswith("beitv2 ")
+    assert _status(["env", "--help"]) == 0 and "usage: beitv2 env" in capsys.readouterr().out
+
+
+def test_official_and_timm_spellings(tmp_path):
+    config = config_from_args(
+        ["--data_path", "demo", "--update_freq", "2", "-b", "4", "-j", "1", "--opt", "adamw", "--save_ckpt_freq", "5",
+         "--imagenet_default_mean_and_std", "--warmup_lr", "1e-7", "--num-classes", "14", "--output", str(tmp_path),
+         "--drop", "0.0"],
+        task="finetune",
+    )  # fmt: skip
+    assert (config.data_dir, config.grad_accum_steps, config.batch_size, config.num_workers) == ("demo", 2, 4, 1)
+    assert (config.checkpoint_epochs, config.warmup_lr, config.nb_classes, config.output_dir) == (
+        5, 1e-7, 14, str(tmp_path),
+    )  # fmt: skip
+
+
+def test_size_defaults_come_from_the_model(files):
+    config = config_from_args(
+        ["--tokenizer-weight", str(files / "tok.safetensors"), "--model", "beit_large_patch16_224_8k_vocab_cls_pt",
+         "--data-dir", "demo"], task="pretrain",
+    )  # fmt: skip
+    assert config.layer_scale_init_value is None and config.early_layers is None
+    assert config.layer_scale_kwargs() == {}
+
+
+def test_validation_folder_is_a_val_sibling_or_none(tmp_path, caplog):
+    caplog.set_level("INFO", logger="beitv2_fast")
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    (tmp_path / "imagenet" / "val").mkdir()
+    (tmp_path / "flat").mkdir()
+    assert validation_folder(str(tmp_path / "imagenet"), "") == str(tmp_path / "imagenet" / "val")
+    assert validation_folder(str(tmp_path / "imagenet" / "train"), "") == str(tmp_path / "imagenet" / "val")
+    assert validation_folder(str(tmp_path / "flat"), "") is None
+    assert "no --eval-data-dir and no val/ folder" in caplog.text
+    assert validation_folder("demo", "") == "demo" and validation_folder("x", "y") == "y"
+
+
+ERRORS = {
+    "no data": (["finetune"], ["--data-dir is required", "demo"]),
+    "empty folder": (["finetune", *TINY_FINETUNE, "--data-dir", "{root}/empty"], ["--data-dir {root}/empty"]),
+    "flat folder": (["finetune", *TINY_FINETUNE, "--data-dir", "{root}/flat"], ["no class subfolders"]),
+    "finetune size": (["finetune", "--data-dir", "demo", "--input-size", "100"],
+                      ["--input-size 100 is not a multiple of the patch size 16; use 96 or 112"]),
+    "tokenizer size": (["train-tokenizer", "--teacher", "hog", "--data-dir", "demo", "--input-size", "100"],
+                       ["--input-size 100 is not a multiple of the patch size 16"]),
+    "unknown model": (["finetune", "--data-dir", "demo", "--model", "beit_tiny_patch16_225"],
+                      ["--model beit_tiny_patch16_225: no such model", "did you mean beit_tiny_patch16_224"]),
+    "model setting": (["finetune", *TINY_FINETUNE, "--model-kwargs", "detph=1"],
+                      ["--model-kwargs detph=...", "has no setting 'detph'", "depth"]),
+    "early layers": (["pretrain", "--tokenizer-weight", "{tok}", *TINY_PRETRAIN, "--early-layers", "12"],
+                     ["--early-layers 12 must lie below the model's depth 12"]),
+    "batch": (["finetune", *TINY_FINETUNE, "--batch-size", "1000"],
+              ["--batch-size 1000 exceeds the 448 images per rank", "lower --batch-size"]),
+    "second size": (["pretrain", "--tokenizer-weight", "{tok}", *TINY_PRETRAIN, "--second-input-size", "64"],
+                    ["--second-input-size 64 does not match the tokenizer checkpoint", "trained at 32px"]),
+    "mask blocks": (["pretrain", "--tokenizer-weight", "{tok}", "--data-dir", "demo", "--num-mask-patches", "10"],
+                    ["--min-mask-patches-per-block 16 is above --num-mask-patches 10"]),
+    "unsupported": (["finetune", "--data-dir", "demo", "--attn_drop_rate", "0.1"],
+                    ["--attn_drop_rate is not supported by beitv2-fast", "attention dropout"]),
+    "evaluation only": (["finetune", "--data-dir", "demo", "--eval"], ["beitv2 eval"]),
+    "another task's flag": (["finetune", "--data-dir", "demo", "--tokenizer-weight", "x"],
+                            ["unrecognized arguments: --tokenizer-weight"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_mistakes_stop_with_one_line_before_training(case, files, tmp_path, capsys):
+    argv, expected = ERRORS[case]
+    argv = [a.replace("{tok}", str(files / "tok.safetensors")).replace("{root}", str(files)) for a in argv]
+    assert _status([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"beitv2 {argv[0]}: error: "), lines
+    for text in [e.replace("{root}", str(files)) for e in expected]:
+        assert text in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
+def test_tiny_finetune_evaluates_keeps_the_best_and_describes_its_data(tmp_path, capsys):
+    argv = ["finetune", *TINY_FINETUNE, "--batch-size", "64", "--epochs", "2", "--warmup-epochs", "0",
+            "--log-interval", "1", "--output-dir", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    log = capsys.readouterr().out  # the run logs to stdout
+    assert "--data-dir: demo (train split): 448 images, 14 classes" in log
+    assert "(val split): 112 images, 14 classes" in log
+    assert "saved checkpoint step-00000014" in log
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if row.get("split") == "eval"]
+    assert [row["step"] for row in evals] == [7, 14]
+    assert {"acc1", "acc5", "loss", "best_acc1"} <= set(evals[-1])
+    assert evals[-1]["best_acc1"] == max(row["acc1"] for row in evals)
+    for name in ("model.safetensors", "model_best.safetensors"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == "0o644"
+        with safe_open(tmp_path / name, "pt") as f:
+            metadata = f.metadata()
+        assert metadata["beitv2_fast.model"] == "beit_tiny_patch16_224"
+        assert json.loads(metadata["beitv2_fast.model_kwargs"]) == {
+            "img_size": 32, "num_classes": 14, "use_mean_pooling": True, "depth": 1,
+        }  # fmt: skip
+    # Started again: complete, nothing rewritten.
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert cli.main(argv) == 0
+    assert "is complete (step 14); nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "metrics.jsonl").read_text() == before
