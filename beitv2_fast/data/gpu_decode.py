@@ -224,9 +224,8 @@ def jitter_views(views: torch.Tensor, params: list[dict], means: torch.Tensor) -
         op = order[:, position].view(-1, 1, 1, 1)
         views = torch.where(op == 0, views * brightness, views)
         views = torch.where(op == 1, mean + contrast * (views - mean), views)
-        if bool((op == 2).any()):
-            grey = _grey(views)
-            views = torch.where(op == 2, grey + saturation * (views - grey), views)
+        grey = _grey(views)  # for every sample (no host sync to ask which need it)
+        views = torch.where(op == 2, grey + saturation * (views - grey), views)
         views = torch.where(op == 3, views, views.clamp(0, 255).floor_())  # op 3 (hue) is off
     return views
 
