@@ -69,10 +69,18 @@ def _entry(name: str, timm_name: str):
 def register() -> dict[str, str]:
     """Register every one of our names with timm (see the module's docstring); returns our name ->
     its name in timm. Idempotent."""
+    from timm.layers import register_notrace_function, register_notrace_module
     from timm.models import _registry
 
     from . import models  # noqa: F401  (every module registers its names on import)
+    from .models import vit
     from .models.registry import list_models, pretrained_cfg_of
+
+    # fx tracing (timm's feature extraction, its fx tests) keeps these as single calls: the patch
+    # embedding and the grid check test shapes in Python, the blocks call the attention dispatcher.
+    register_notrace_module(vit.PatchEmbed)
+    register_notrace_module(vit.Block)
+    register_notrace_function(vit.check_patch_grid)
 
     module = sys.modules[__name__]
     for name in list_models():

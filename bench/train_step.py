@@ -145,8 +145,9 @@ class StepFeed:
     """Hands out the same batch once per ``step`` command from the parent and reports how long
     the loop took until it asked for the next one. Between steps it answers the parent's other
     commands: ``memory`` (start a memory measurement), ``stats`` (its result), ``compiled``
-    (dynamo's frames compiled and graph breaks so far), ``profile`` (profile the next step) and
-    ``stop`` (end the loop)."""
+    (dynamo's frames compiled and graph breaks so far), ``phases`` (time the phases of the next
+    step), ``profile`` (profile the next step), ``profiled`` (the summary of both) and ``stop``
+    (end the loop)."""
 
     def __init__(self, conn, device: torch.device, batch, info: dict, setup: Setup, provider: Provider):
         self.conn, self.device, self.batch, self.info = conn, device, batch, info
@@ -156,6 +157,7 @@ class StepFeed:
         self.baseline = 0
         self.profiler = None
         self.phase_timer = None
+        self.phases: dict[str, float] = {}
         self.profile_summary = ""
 
     def __len__(self) -> int:  # the official engines' metric logger asks
@@ -168,6 +170,10 @@ class StepFeed:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now, cpu_now = time.perf_counter(), time.process_time()
+        if self.phase_timer is not None:
+            self.phase_timer.__exit__(None, None, None)
+            self.phases = self.phase_timer.milliseconds()
+            self.phase_timer = None
         if self.profiler is not None:
             self._finish_profile()
         if self.started is None:
@@ -189,12 +195,14 @@ class StepFeed:
                 from beitv2_fast.train.step import compiled_frames
 
                 self.conn.send(("compiled", compiled_frames()))
-            elif command == "profile":
+            elif command == "phases":
                 from beitv2_fast.train.step import PhaseTimer
 
+                self.phase_timer = PhaseTimer(self.device).__enter__()
+                self.conn.send(("ok", None))
+            elif command == "profile":
                 self.profiler = torch.profiler.profile(record_shapes=False)
                 self.profiler.__enter__()
-                self.phase_timer = PhaseTimer(self.device).__enter__()
                 self.conn.send(("ok", None))
             elif command == "profiled":
                 self.conn.send(("profiled", self.profile_summary))
@@ -226,18 +234,17 @@ class StepFeed:
     def _finish_profile(self) -> None:
         from . import step_profile
 
-        self.phase_timer.__exit__(None, None, None)
         self.profiler.__exit__(None, None, None)
         cuda = self.device.type == "cuda"
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         table = self.profiler.key_averages().table(sort_by=sort, row_limit=30)
         kernels = step_profile.profiled_kernels(self.profiler, cuda)
-        self.profile_summary = step_profile.summary_markdown(kernels, 1, self.phase_timer.milliseconds(), cuda)
+        self.profile_summary = step_profile.summary_markdown(kernels, 1, self.phases, cuda)
         os.makedirs(self.setup.profile_dir, exist_ok=True)
         name = f"{self.setup.task}-{self.setup.model}-b{self.setup.batch}-{self.provider.key}.txt"
         with open(os.path.join(self.setup.profile_dir, name), "w") as f:
             f.write(f"{self.provider.label}, {self.setup}\n{table}\n\n{self.profile_summary}")
-        self.profiler = self.phase_timer = None
+        self.profiler = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -777,7 +784,9 @@ def measure_group(
                 worker.command("memory", "ok", 60)
                 worker.command("step", "step", deadline - time.time())
                 worker.peak_mib = worker.command("stats", "stats", 60)
-                if options.profile:
+                if options.profile:  # phases on a step of their own, free of the profiler's overhead
+                    worker.command("phases", "ok", 60)
+                    worker.command("step", "step", deadline - time.time())
                     worker.command("profile", "ok", 60)
                     worker.command("step", "step", deadline - time.time())
                     worker.profile = worker.command("profiled", "profiled", 60)

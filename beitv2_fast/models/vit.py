@@ -396,6 +396,16 @@ def get_num_layer_for_vit(name: str, num_max_layer: int) -> int:
     return num_max_layer - 1
 
 
+def check_patch_grid(grid: tuple[int, int], window: tuple[int, int] | None) -> None:
+    """Raise if the input's patch grid differs from the relative position tables' (a function of
+    its own so that fx tracing can keep it as one call: timm registers it as not traced)."""
+    if window is not None and tuple(grid) != tuple(window):
+        raise ValueError(
+            f"input patch grid {grid[0]}x{grid[1]} differs from the relative position tables' {window[0]}x"
+            f"{window[1]}; call model.set_input_size(img_size) first to resize them"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
@@ -552,11 +562,7 @@ class BEiTBackbone(nn.Module):
         :meth:`set_input_size` first, which resizes them with the reference's algorithm.
         """
         window = self.rel_pos_bias.window_size if self.rel_pos_bias is not None else self.block_kwargs["window_size"]
-        if window is not None and tuple(grid) != tuple(window):
-            raise ValueError(
-                f"input patch grid {grid[0]}x{grid[1]} differs from the relative position tables' {window[0]}x"
-                f"{window[1]}; call model.set_input_size(img_size) first to resize them"
-            )
+        check_patch_grid(grid, window)
         return self.rel_pos_bias() if self.rel_pos_bias is not None else None
 
     def run_block(self, block: Block, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -616,8 +622,8 @@ class BEiT(BEiTBackbone):
 
     The forward pass is split as timm's: :meth:`forward_features` gives the tokens
     ``[B, 1 + N, D]`` (after ``norm``, an Identity with mean pooling), :meth:`forward_head` pools
-    them (``global_pool``), applies ``fc_norm`` and the head. ``forward(x, return_patch_tokens,
-    return_all_tokens)`` keeps the reference's options.
+    them (``global_pool``), applies ``fc_norm`` and the head; ``forward_features(x,
+    return_patch_tokens, return_all_tokens)`` keeps the reference's options.
 
     Args:
         num_classes: classes of the linear head (0: no head, the pooled features are returned).
@@ -730,11 +736,12 @@ class BEiT(BEiTBackbone):
             x = self.fc_norm(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, return_patch_tokens: bool = False, return_all_tokens: bool = False):
-        """Logits ``[B, num_classes]`` (pooled features ``[B, D]`` when ``num_classes == 0``); with
-        the reference's options, the head applied to the tokens :meth:`forward_features` gives."""
-        if return_patch_tokens or return_all_tokens:
-            return self.head(self.forward_features(x, return_patch_tokens, return_all_tokens))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` (pooled features ``[B, D]`` when ``num_classes == 0``).
+
+        Only the image, as timm's (fx tracing makes every argument a graph input): the reference's
+        ``forward(x, return_patch_tokens=True)`` is ``head(forward_features(x, return_patch_tokens=True))``.
+        """
         return self.forward_head(self.forward_features(x))
 
     # -- intermediate features (timm's and the reference's methods) ----------------------------

@@ -183,7 +183,7 @@ class VQKD(nn.Module):
 
     def _task_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``encode_task_layer`` output ``[B, h, w, C]`` (fp32, autocast off as the reference)."""
-        features = self.encoder(x, return_patch_tokens=True)
+        features = self.encoder.forward_features(x, return_patch_tokens=True)
         weight = self.encode_task_layer[-1].weight
         with torch.autocast(device_type=features.device.type, enabled=False):
             z = self.encode_task_layer(features.to(weight.dtype))
@@ -198,7 +198,7 @@ class VQKD(nn.Module):
 
     def decode(self, quantize: torch.Tensor) -> torch.Tensor:
         """Code map ``[B, C, h, w]`` to the reconstruction ``[B, h*w, decoder_out_dim]``."""
-        return self.decode_task_layer(self.decoder(quantize, return_patch_tokens=True))
+        return self.decode_task_layer(self.decoder.forward_features(quantize, return_patch_tokens=True))
 
     @torch.no_grad()
     def get_codebook_indices(self, x: torch.Tensor) -> torch.Tensor:
