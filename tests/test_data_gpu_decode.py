@@ -5,9 +5,11 @@ The ``cuda`` test checks the same on the GPU."""
 
 import math
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from beitv2_fast.data import (
     IMAGENET_DEFAULT_STD,
@@ -17,6 +19,7 @@ from beitv2_fast.data import (
     build_loader,
     gpu_decode,
 )
+from beitv2_fast.data.color import color_jitter
 from beitv2_fast.data.datasets import demo_photo
 from beitv2_fast.train.config import ConfigError, TrainConfig
 
@@ -128,3 +131,17 @@ def test_data_backend_gpu_needs_files(folder):
     with pytest.raises(ConfigError, match="--data-backend gpu decodes JPEG files: give --data-dir"):
         TrainConfig(task="tokenizer", teacher="hog", data_backend="gpu").validate()
     TrainConfig(task="tokenizer", teacher="hog", data_backend="gpu", data_dir=str(folder)).validate()
+
+
+def test_batched_jitter_is_pils_on_unresized_pixels():
+    image = PIL.Image.fromarray(demo_photo("astronaut")).resize((64, 48))  # bright areas: brightening clips
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+    jitter = v2.ColorJitter(0.4, 0.4, 0.4)
+    torch.manual_seed(0)
+    params = [{"jitter": jitter.make_params([])} for _ in range(12)]  # orders differ within the batch
+    views = pixels[None].float().repeat(12, 1, 1, 1)
+    got = gpu_decode.jitter_views(views, params, gpu_decode.contrast_means([pixels] * 12, params))
+    for view, p in zip(got, params, strict=True):
+        assert torch.equal(
+            view, torch.from_numpy(np.asarray(color_jitter(image, p["jitter"]))).permute(2, 0, 1).float()
+        )

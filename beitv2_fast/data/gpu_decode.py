@@ -12,8 +12,8 @@ same positions; the pixels differ by resampling noise and by where the jitter ru
 
 * the jitter runs on the resized views instead of the whole image before the crop (its ops act
   per pixel and commute with resizing but for PIL's uint8 rounding between them, which is
-  mimicked by truncating after each op); contrast uses the whole image's mean grey (scaled by
-  brightness when brightness comes first), as PIL's enhancer does;
+  mimicked by truncating after each op, so that on unresized pixels it is PIL's jitter exactly);
+  contrast uses the mean grey of the whole image after the ops before it, as PIL's enhancer does;
 * nvJPEG (or libjpeg on the CPU) and torch's antialiased bicubic instead of Pillow's.
 
 Files the decoder should not see take the CPU path whole, in the worker: non-JPEG files,
@@ -184,22 +184,44 @@ def crop_views(images: list[torch.Tensor], params: list[dict], size: tuple[int, 
     return out.clamp_(0, 255)
 
 
-def grey_means(images: list[torch.Tensor]) -> torch.Tensor:
-    """The mean of PIL's ``convert("L")`` of each whole image, float ``[n]``."""
-    if not images:
-        return torch.empty(0)
-    weights = torch.tensor(_GREY_WEIGHTS, device=images[0].device)
-    return torch.stack([torch.einsum("chw,c->", image.float(), weights) / image[0].numel() for image in images])
-
-
 def _grey(views: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(_GREY_WEIGHTS, device=views.device).view(1, 3, 1, 1)
-    return (views * weights).sum(1, keepdim=True).add_(0.5).floor_()
+    """PIL's ``convert("L")`` of float RGB ``[..., 3, h, w]``: the weighted sum rounded half up."""
+    weights = torch.tensor(_GREY_WEIGHTS, device=views.device).view(3, 1, 1)
+    return (views * weights).sum(-3, keepdim=True).add_(0.5).floor_()
+
+
+def _brighten(image: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    return (image * factor).clamp_(0, 255).floor_()
+
+
+def _saturate(image: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    grey = _grey(image)
+    return (grey + factor * (image - grey)).clamp_(0, 255).floor_()
+
+
+def contrast_means(images: list[torch.Tensor], params: list[dict]) -> torch.Tensor:
+    """The mean grey level PIL's contrast enhancer uses for each sample, float ``[n]``: of the whole
+    image after the jitter ops that precede contrast in the sample's order (so a brightening that
+    clips counts as it does on the CPU), rounded half up."""
+    means = []
+    for image, p in zip(images, params, strict=True):
+        jitter = p["jitter"]
+        whole = image.float()
+        for op in jitter["fn_idx"].tolist():
+            if op == 1:
+                break
+            if op == 0 and jitter["brightness_factor"] is not None:
+                whole = _brighten(whole, float(jitter["brightness_factor"]))
+            elif op == 2 and jitter["saturation_factor"] is not None:
+                whole = _saturate(whole, float(jitter["saturation_factor"]))
+        means.append(_grey(whole).mean())
+    return torch.stack(means).add_(0.5).floor_()
 
 
 def jitter_views(views: torch.Tensor, params: list[dict], means: torch.Tensor) -> torch.Tensor:
     """The colour jitter of every view at once, in each sample's own order of brightness, contrast
-    and saturation, each op truncated to whole levels and clipped as PIL's enhancers do."""
+    and saturation, each op truncated to whole levels and clipped as PIL's enhancers do; ``means``
+    from :func:`contrast_means`. On unresized pixels this is PIL's jitter exactly."""
     if not params or params[0]["jitter"] is None:
         return views
     device = views.device
@@ -214,20 +236,12 @@ def jitter_views(views: torch.Tensor, params: list[dict], means: torch.Tensor) -
         factors("saturation_factor"),
     )
     order = torch.stack([p["jitter"]["fn_idx"] for p in params]).to(device)  # [n, 4], op ids 0..3
-    rank = order.argsort(dim=1)  # rank[:, op] = the position of op in the sample's order
-    brightness_first = (rank[:, 0] < rank[:, 1]).view(-1, 1, 1, 1)
-    mean = torch.where(
-        brightness_first, means.to(device).view(-1, 1, 1, 1) * brightness, means.to(device).view(-1, 1, 1, 1)
-    )
-    mean = mean.add(0.5).floor_()
+    mean = means.to(device).view(-1, 1, 1, 1)
     for position in range(order.shape[1]):
         op = order[:, position].view(-1, 1, 1, 1)
-        views = torch.where(op == 0, views * brightness, views)
-        views = torch.where(op == 1, mean + contrast * (views - mean), views)
-        if bool((op == 2).any()):
-            grey = _grey(views)
-            views = torch.where(op == 2, grey + saturation * (views - grey), views)
-        views = torch.where(op == 3, views, views.clamp(0, 255).floor_())  # op 3 (hue) is off
+        views = torch.where(op == 0, _brighten(views, brightness), views)
+        views = torch.where(op == 1, (mean + contrast * (views - mean)).clamp_(0, 255).floor_(), views)
+        views = torch.where(op == 2, _saturate(views, saturation), views)  # every sample: no host sync
     return views
 
 
@@ -335,7 +349,7 @@ class GpuDecodePretrainLoader(ResumableLoader):
             rows = torch.tensor([k for k, _ in good], device=self.device)
             images = [image for _, image in good]
             params = [batch.samples[k].params for k, _ in good]
-            means = grey_means(images)
+            means = contrast_means(images, params) if t.jitter is not None else None
             targets = [(student, sizes[0], t.interpolation)] + (
                 [] if shared else [(tokenizer, sizes[1], t.second_interpolation)]
             )
