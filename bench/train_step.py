@@ -686,15 +686,16 @@ class Worker:
         self.conn.send(command)
         return self.expect(answer, timeout)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10) -> None:
+        """End the process: ask its loop to stop, and kill it after ``grace`` seconds."""
         if self.process is None:
             return
-        if self.process.is_alive():
+        if self.process.is_alive() and grace > 0:
             try:
                 self.conn.send("stop")
             except (BrokenPipeError, OSError):
                 pass
-            self.process.join(10)
+            self.process.join(grace)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -727,7 +728,7 @@ def measure(setup: Setup, providers: list[Provider], options: argparse.Namespace
         except KeyboardInterrupt:  # `timeout --signal=INT`: write the rows measured so far, then stop
             for worker in workers:
                 worker.error = worker.error or f"interrupted after {len(worker.times)} steps"
-                worker.stop()
+                worker.stop(grace=0)  # `timeout` kills this process 10 s after its SIGINT
             report(setup, done + workers, options, new=len(workers), final=True)
             print(f"  interrupted; the providers' logs are in {log_dir}", file=sys.stderr)
             raise
