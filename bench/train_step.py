@@ -78,6 +78,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -820,10 +821,13 @@ def check_compiled(worker: Worker) -> None:
         _fail(worker, WorkerError(error))
 
 
-def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) -> list[dict]:
+@functools.cache
+def run_environment(device_name: str) -> tuple[dict[str, str], float | None]:
+    """The rows' environment columns and the device's bf16 peak, found once (main asks before
+    measuring: an interrupted run has seconds to write its rows, too few to import timm)."""
     from beitv2_fast.train.metrics import peak_flops
 
-    device = torch.device(setup.device)
+    device = torch.device(device_name)
     env = _common.environment(device)
     try:
         import timm
@@ -831,7 +835,12 @@ def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) ->
         env["timm"] = timm.__version__
     except ImportError:
         env["timm"] = "none"
-    peak = peak_flops(device)
+    return env, peak_flops(device)
+
+
+def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) -> list[dict]:
+    env, peak = run_environment(setup.device)
+    env = dict(env)
     rows = []
     for worker in workers:
         row = {
@@ -1009,8 +1018,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A background job starts with SIGINT ignored; `timeout --signal=INT` must still end the run
+    # through KeyboardInterrupt, which writes the rows measured so far.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     options = parse_args(argv)
     deadline = time.time() + options.time_budget
+    run_environment(options.device)
     tasks = options.task
     if not options.unilm_dir and "official" in options.providers:
         print("no --unilm-dir: the official implementation is left out", file=sys.stderr)
