@@ -78,6 +78,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -684,15 +685,16 @@ class Worker:
         self.conn.send(command)
         return self.expect(answer, timeout)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10) -> None:
+        """End the process: ask its loop to stop, and kill it after ``grace`` seconds."""
         if self.process is None:
             return
-        if self.process.is_alive():
+        if self.process.is_alive() and grace > 0:
             try:
                 self.conn.send("stop")
             except (BrokenPipeError, OSError):
                 pass
-            self.process.join(10)
+            self.process.join(grace)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -725,7 +727,7 @@ def measure(setup: Setup, providers: list[Provider], options: argparse.Namespace
         except KeyboardInterrupt:  # `timeout --signal=INT`: write the rows measured so far, then stop
             for worker in workers:
                 worker.error = worker.error or f"interrupted after {len(worker.times)} steps"
-                worker.stop()
+                worker.stop(grace=0)  # `timeout` kills this process 10 s after its SIGINT
             report(setup, done + workers, options, new=len(workers), final=True)
             print(f"  interrupted; the providers' logs are in {log_dir}", file=sys.stderr)
             raise
@@ -817,10 +819,13 @@ def check_compiled(worker: Worker) -> None:
         _fail(worker, WorkerError(error))
 
 
-def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) -> list[dict]:
+@functools.cache
+def run_environment(device_name: str) -> tuple[dict[str, str], float | None]:
+    """The rows' environment columns and the device's bf16 peak, found once (main asks before
+    measuring: an interrupted run has seconds to write its rows, too few to import timm)."""
     from beitv2_fast.train.metrics import peak_flops
 
-    device = torch.device(setup.device)
+    device = torch.device(device_name)
     env = _common.environment(device)
     try:
         import timm
@@ -828,7 +833,12 @@ def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) ->
         env["timm"] = timm.__version__
     except ImportError:
         env["timm"] = "none"
-    peak = peak_flops(device)
+    return env, peak_flops(device)
+
+
+def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) -> list[dict]:
+    env, peak = run_environment(setup.device)
+    env = dict(env)
     rows = []
     for worker in workers:
         row = {
@@ -1005,8 +1015,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A background job starts with SIGINT ignored; `timeout --signal=INT` must still end the run
+    # through KeyboardInterrupt, which writes the rows measured so far.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     options = parse_args(argv)
     deadline = time.time() + options.time_budget
+    run_environment(options.device)
     tasks = options.task
     if not options.unilm_dir and "official" in options.providers:
         print("no --unilm-dir: the official implementation is left out", file=sys.stderr)
