@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader
 from .batches import ClassificationBatch, PretrainBatch, ResumableLoader, SegmentationBatch, TokenizerBatch
 from .datasets import SkippedImage
 from .masking import MaskingGenerator
+from .mixup import MixupCutmix
 from .sampling import COLLATE, DEVICE, BatchKey, ResumableBatchSampler
-from .transforms import MixupCutmix, PretrainTransform
+from .transforms import PretrainTransform
 
 TASKS = ("pretrain", "tokenizer", "classification", "segmentation")
 
