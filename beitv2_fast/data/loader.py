@@ -19,6 +19,8 @@ The batches of each task (``batches.py``): "pretrain" gives :class:`PretrainBatc
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -32,7 +34,11 @@ from .mixup import MixupCutmix
 from .sampling import COLLATE, DEVICE, BatchKey, ResumableBatchSampler
 from .transforms import PretrainTransform
 
+log = logging.getLogger("beitv2_fast")
+
 TASKS = ("pretrain", "tokenizer", "classification", "segmentation")
+# Automatic worker counts stop here: beyond it, workers mostly add memory, not speed.
+_MAX_AUTO_WORKERS = 16
 
 
 class _BatchRecipe:
@@ -206,6 +212,30 @@ class Loader(ResumableLoader):
         self.set_epoch(epoch + 1)
 
 
+def cores_per_local_rank() -> tuple[int, int]:
+    """``(cores, local ranks)``: the cores this process may run on, shared by the ranks on this node
+    (``LOCAL_WORLD_SIZE``, which torchrun sets), and the number of those ranks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cores // local_ranks), local_ranks
+
+
+def choose_num_workers(requested: int | None) -> int:
+    """Worker processes for this rank, logged with the cores it has: ``requested``, or for None the
+    cores per local rank less one for the training process (at most 16)."""
+    if requested is not None and requested < 0:
+        raise ValueError(f"build_loader: argument 'num_workers' cannot be negative; got {requested}")
+    cores, local_ranks = cores_per_local_rank()
+    chosen = min(_MAX_AUTO_WORKERS, cores - 1) if requested is None else requested
+    how = "chosen" if requested is None else "requested"
+    log.info("data: %d loader workers per rank (%s; %d cores per rank, %d ranks on this node)",
+             chosen, how, cores, local_ranks)  # fmt: skip
+    if chosen >= cores > 1:
+        log.warning("data: %d loader workers on %d cores per rank oversubscribe the CPU; the training "
+                    "process competes with them (use fewer workers)", chosen, cores)  # fmt: skip
+    return chosen
+
+
 def _distributed_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if num_replicas is None:
@@ -228,7 +258,7 @@ def build_loader(
     seed: int = 0,
     shuffle: bool = True,
     drop_last: bool = True,
-    num_workers: int = 4,
+    num_workers: int | None = 4,
     device: torch.device | str | None = None,
     pin_memory: bool | None = None,
     persistent_workers: bool = True,
@@ -255,7 +285,8 @@ def build_loader(
         seed: the run's seed; fixes order and augmentations.
         shuffle: shuffle each epoch (False for evaluation).
         drop_last: drop each rank's last incomplete batch (True for training).
-        num_workers: DataLoader worker processes (0: load in this process).
+        num_workers: DataLoader worker processes (0: load in this process; None: one per core
+            of this rank, less one, see :func:`choose_num_workers`).
         device: where batches are delivered; None leaves them on the CPU.
         pin_memory: default: True when ``device`` is CUDA.
         persistent_workers, prefetch_factor: as DataLoader (only with workers).
@@ -307,8 +338,9 @@ def build_loader(
         len(dataset), batch_size, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
     device = None if device is None else torch.device(device)
-    if pin_memory is None:
+    if pin_memory is None:  # pinned batches let the copy to the GPU run asynchronously (non_blocking)
         pin_memory = device is not None and device.type == "cuda"
+    num_workers = choose_num_workers(num_workers)
     workers = {}
     if num_workers > 0:
         workers = {
