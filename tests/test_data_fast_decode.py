@@ -3,7 +3,6 @@
 draws, crops and masks, pixels within resampling noise; bad files replaced as without it); and
 the loader's worker count from the cores per local rank."""
 
-import logging
 import math
 
 import numpy as np
@@ -16,7 +15,6 @@ from beitv2_fast.data import DemoImages, ImageFolderDataset, MaskingGenerator, P
 from beitv2_fast.data.color import color_jitter
 from beitv2_fast.data.datasets import demo_photo
 from beitv2_fast.data.decode import decode_for_crop, reduction_for
-from beitv2_fast.data.loader import workers_per_rank
 from beitv2_fast.train.config import ConfigError, TrainConfig
 
 
@@ -95,17 +93,6 @@ def test_fast_decode_needs_files():
     with pytest.raises(TypeError, match="fast_decode"):
         build_loader("pretrain", DemoImages(crops_per_photo=1, photos=("coffee",)), batch_size=2, transform=transform,
                      masking=MaskingGenerator(2, 2, min_num_patches=1), num_workers=0)  # fmt: skip
-
-
-def test_worker_count_follows_the_cores_per_local_rank(monkeypatch, caplog):
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with caplog.at_level(logging.INFO, logger="beitv2_fast"):
-        assert workers_per_rank(-1) == 7  # 8 cores per rank, one left to the main process
-    assert "7 loader workers per rank (16 cores for 2 local ranks" in caplog.text
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
-    assert workers_per_rank(-1) == 1
-    assert workers_per_rank(3) == 3  # an explicit count is kept
 
 
 def test_fast_decode_option_needs_a_folder_and_the_cpu_backend(tmp_path):

@@ -241,3 +241,23 @@ def test_mask_indices_are_per_sample(demo):
     masks = next(iter(loader)).mask_index.numpy()
     assert len({tuple(m) for m in masks}) > len(masks) // 2
     assert np.all(np.diff(masks, axis=1) > 0)
+
+
+def test_worker_count_from_the_cores_per_local_rank(monkeypatch, caplog):
+    from beitv2_fast.data import loader
+
+    monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with caplog.at_level("INFO", logger="beitv2_fast"):
+        assert loader.workers_per_rank(-1) == 3  # 16 cores over 4 ranks, one kept for training
+    assert "3 loader workers per rank (chosen; 4 cores per rank, 4 ranks on this node" in caplog.text
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert loader.workers_per_rank(-1) == 1  # never none: one core each still gets a worker
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader.workers_per_rank(-1) == 15
+    caplog.clear()
+    with caplog.at_level("INFO", logger="beitv2_fast"):
+        assert loader.workers_per_rank(20) == 20  # an explicit count is kept
+    assert "oversubscribe" in caplog.text
+    with pytest.raises(ValueError, match="'num_workers' must be -1"):
+        loader.workers_per_rank(-2)

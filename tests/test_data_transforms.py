@@ -10,18 +10,16 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from beitv2_fast.data.datasets import demo_photo
+from beitv2_fast.data.finetune_transforms import FinetuneTransform
+from beitv2_fast.data.mixup import MixupCutmix
+from beitv2_fast.data.randaugment import RandAugment, apply_rand_augment_op, rand_augment_argument
 from beitv2_fast.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     EvalTransform,
-    FinetuneTransform,
-    MixupCutmix,
     Normalize,
     PretrainTransform,
-    RandAugment,
     TokenizerTransform,
-    apply_rand_augment_op,
-    rand_augment_argument,
 )
 
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)

@@ -35,8 +35,11 @@ from .datasets import (
     build_dataset,
     decode_image,
 )
+from .finetune_transforms import FinetuneTransform
 from .loader import Loader, build_loader
 from .masking import MaskingGenerator, index_to_bool_mask
+from .mixup import MixupCutmix
+from .randaugment import RandAugment
 from .sampling import BatchKey, ResumableBatchSampler
 from .segmentation import (
     ADE20K,
@@ -52,11 +55,8 @@ from .transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     EvalTransform,
-    FinetuneTransform,
-    MixupCutmix,
     Normalize,
     PretrainTransform,
-    RandAugment,
     TokenizerTransform,
 )
 

@@ -31,27 +31,43 @@ from .batches import ClassificationBatch, PretrainBatch, ResumableLoader, Segmen
 from .datasets import SkippedImage
 from .decode import CropDecodingDataset
 from .masking import MaskingGenerator
+from .mixup import MixupCutmix
 from .sampling import COLLATE, DEVICE, BatchKey, ResumableBatchSampler
-from .transforms import MixupCutmix, PretrainTransform
+from .transforms import PretrainTransform
+
+log = logging.getLogger("beitv2_fast")
 
 TASKS = ("pretrain", "tokenizer", "classification", "segmentation")
 MAX_AUTO_WORKERS = 16  # beyond this the batches of one rank rarely wait on decoding
 log = logging.getLogger("beitv2_fast")
 
 
-def workers_per_rank(requested: int) -> int:
-    """``requested`` when it is 0 or more; for -1, the cores this process may run on shared by the
-    ranks of this node (``LOCAL_WORLD_SIZE``, set by torchrun), less one for the main process
-    (at least 1, at most :data:`MAX_AUTO_WORKERS`); the choice goes to the log."""
-    if requested >= 0:
-        return requested
+def cores_per_local_rank() -> tuple[int, int]:
+    """``(cores, local ranks)``: the cores this process may run on, shared by the ranks on this node
+    (``LOCAL_WORLD_SIZE``, which torchrun sets), and the number of those ranks."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    workers = max(1, min(MAX_AUTO_WORKERS, cores // local_ranks - 1))
+    return max(1, cores // local_ranks), local_ranks
+
+
+def workers_per_rank(requested: int) -> int:
+    """``requested`` when it is 0 or more; for -1, the cores per local rank less one for the main
+    process (at least 1, at most :data:`MAX_AUTO_WORKERS`). The choice goes to the log, with a
+    warning when the workers oversubscribe the cores."""
+    if requested < -1:
+        raise ValueError(
+            f"build_loader: argument 'num_workers' must be -1 (from the cores) or at least 0; got {requested}"
+        )
+    cores, local_ranks = cores_per_local_rank()
+    workers = max(1, min(MAX_AUTO_WORKERS, cores - 1)) if requested == -1 else requested
+    how = "chosen" if requested == -1 else "requested"
     log.info(
-        "data: %d loader workers per rank (%d cores for %d local ranks, one core each left to the main "
-        "process; --num-workers sets it)", workers, cores, local_ranks,
+        "data: %d loader workers per rank (%s; %d cores per rank, %d ranks on this node; --num-workers sets it)",
+        workers, how, cores, local_ranks,
     )  # fmt: skip
+    if workers >= cores > 1:
+        log.warning("data: %d loader workers on %d cores per rank oversubscribe the CPU; the training "
+                    "process competes with them (use fewer workers)", workers, cores)  # fmt: skip
     return workers
 
 
@@ -342,7 +358,7 @@ def build_loader(
         len(dataset), batch_size, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
     device = None if device is None else torch.device(device)
-    if pin_memory is None:
+    if pin_memory is None:  # pinned batches let the copy to the GPU run asynchronously (non_blocking)
         pin_memory = device is not None and device.type == "cuda"
     workers = {}
     if num_workers > 0:

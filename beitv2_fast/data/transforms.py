@@ -1,14 +1,13 @@
-"""Image transforms of the three tasks, built on torchvision.transforms.v2.
+"""Image transforms of pretraining, tokenizer training and evaluation, built on torchvision.transforms.v2.
 
 * :class:`PretrainTransform`: BEiT v2 pretraining. One colour jitter, one flip and one random
   resized crop give two views of the same region: the student view (ImageNet mean/std) and the
   tokenizer view (in [0, 1]). U ``beit2/datasets.py`` ``DataAugmentationForBEiT`` (spec section 4).
 * :class:`TokenizerTransform`: VQ-KD training, images in [0, 1] (spec section 1.4).
-* :class:`FinetuneTransform`: classification fine-tuning as timm's ``create_transform`` builds
-  it for the reference (spec section 6.1): random resized crop, flip, RandAugment
-  ``rand-m9-mstd0.5-inc1`` (:class:`RandAugment`, timm's semantics on v2 functional ops),
-  normalisation and random erasing. :class:`MixupCutmix` mixes batches.
 * :class:`EvalTransform`: resize to ``size / crop_pct`` and centre crop.
+
+Fine-tuning has its own modules: ``finetune_transforms.py`` (:class:`FinetuneTransform`),
+``randaugment.py`` (timm's RandAugment) and ``mixup.py`` (batch mixup/cutmix).
 
 Every transform works on PIL images (as the reference does) and draws its randomness from
 torch's global generator, which the loader seeds per sample. Each takes ``uint8_output``:
@@ -19,8 +18,6 @@ normalisation later on a whole batch, on the GPU if the batch is there (timm's
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Sequence
 
 import PIL.Image
@@ -62,7 +59,8 @@ _PIL_RESAMPLING = {
 }
 
 
-def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
+def size_pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``(height, width)`` of an int or a pair; refuses a non-positive size naming the argument."""
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     if height < 1 or width < 1:
         raise ValueError(f"argument '{name}' must be a positive size; got {size}")
@@ -103,7 +101,8 @@ class Normalize:
         return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
-def _to_uint8_tensor(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
+def to_uint8_tensor(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
+    """A PIL image or a torchvision image tensor as a plain uint8 ``[3, H, W]`` tensor."""
     if isinstance(image, PIL.Image.Image):
         return F.pil_to_tensor(image)
     return image.as_subclass(torch.Tensor)
@@ -152,8 +151,8 @@ class PretrainTransform:
     ) -> None:
         if not 0 < min_crop_scale <= 1:
             raise ValueError(f"PretrainTransform: argument 'min_crop_scale' must be in (0, 1]; got {min_crop_scale}")
-        self.input_size = _pair(input_size, "input_size")
-        self.second_input_size = _pair(second_input_size, "second_input_size")
+        self.input_size = size_pair(input_size, "input_size")
+        self.second_input_size = size_pair(second_input_size, "second_input_size")
         self.interpolation = interpolation_mode(interpolation)
         self.second_interpolation = interpolation_mode(second_interpolation)
         self.jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
@@ -206,11 +205,11 @@ class PretrainTransform:
             image = F.horizontal_flip(image)
         box = params["box"]
         student = F.resized_crop(image, **box, size=list(self.input_size), interpolation=self.interpolation)
-        student = _to_uint8_tensor(student)
+        student = to_uint8_tensor(student)
         if (self.second_input_size, self.second_interpolation) == (self.input_size, self.interpolation):
             tokenizer = student  # the recipe's case (224/224, bicubic/bicubic): the same pixels, resized once
         else:
-            tokenizer = _to_uint8_tensor(
+            tokenizer = to_uint8_tensor(
                 F.resized_crop(image, **box, size=list(self.second_input_size), interpolation=self.second_interpolation)
             )
         return student, tokenizer
@@ -232,7 +231,7 @@ class PretrainTransform:
                 views.append(views[0])  # the recipe's case: both views the same pixels
                 continue
             view = image.resize((width, height), _PIL_RESAMPLING[mode], box=region)
-            views.append(_to_uint8_tensor(F.horizontal_flip(view) if params["flip"] else view))
+            views.append(to_uint8_tensor(F.horizontal_flip(view) if params["flip"] else view))
         return views[0], views[1]
 
     def finish(self, student: torch.Tensor, tokenizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +255,7 @@ class _GeometryThenNormalize:
     uint8_output: bool
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        out = _to_uint8_tensor(self.geometry(image))
+        out = to_uint8_tensor(self.geometry(image))
         return out if self.uint8_output else self.normalize(out)
 
     def finish(self, images: torch.Tensor) -> torch.Tensor:
@@ -291,7 +290,7 @@ class TokenizerTransform(_GeometryThenNormalize):
         steps = [v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []
         steps += [
             v2.RandomResizedCrop(
-                _pair(input_size, "input_size"),
+                size_pair(input_size, "input_size"),
                 scale=(min_crop_scale, 1.0),
                 interpolation=interpolation_mode(interpolation),
             ),
@@ -332,348 +331,3 @@ class EvalTransform(_GeometryThenNormalize):
         )
         self.normalize = Normalize(mean, std)
         self.uint8_output = uint8_output
-
-
-# RandAugment, as timm implements it (timm/data/auto_augment.py), on torchvision v2 functional
-# ops. Magnitudes are on timm's 0..10 scale; each op runs with probability `prob`.
-_RAND_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "Posterize",
-    "Solarize",
-    "SolarizeAdd",
-    "Color",
-    "Contrast",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-)
-# "inc1": the variants whose severity increases with the magnitude.
-_RAND_INCREASING_OPS = tuple(
-    name + "Increasing" if name in ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness") else name
-    for name in _RAND_OPS
-)
-_MAGNITUDE_SCALE = 10.0
-_SIGNED_OPS = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
-
-
-def rand_augment_argument(name: str, magnitude: float, negate: bool, translate_pct: float = 0.45) -> float | None:
-    """The argument timm's RandAugment passes to op ``name`` at ``magnitude`` (0..10)."""
-    level = magnitude / _MAGNITUDE_SCALE
-    sign = -1.0 if negate else 1.0
-    if name in ("AutoContrast", "Equalize", "Invert"):
-        return None
-    if name == "Rotate":
-        return sign * level * 30.0
-    if name in ("ShearX", "ShearY"):
-        return sign * level * 0.3
-    if name in ("TranslateXRel", "TranslateYRel"):
-        return sign * level * translate_pct
-    if name == "Posterize":
-        return int(level * 4)
-    if name == "PosterizeIncreasing":
-        return 4 - int(level * 4)
-    if name == "Solarize":
-        return min(256, int(level * 256))
-    if name == "SolarizeIncreasing":
-        return 256 - min(256, int(level * 256))
-    if name == "SolarizeAdd":
-        return min(128, int(level * 110))
-    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        return level * 1.8 + 0.1
-    if name.endswith("Increasing"):  # Color/Contrast/Brightness/Sharpness: 1 +- 0.9 * level, at least 0.1
-        return max(0.1, 1.0 + sign * level * 0.9)
-    raise ValueError(f"unknown RandAugment op {name!r}")
-
-
-def _solarize_add(image: PIL.Image.Image | torch.Tensor, add: int, threshold: int = 128):
-    if isinstance(image, PIL.Image.Image):
-        lut = [min(255, i + add) if i < threshold else i for i in range(256)]
-        return image.point(lut * len(image.getbands()))
-    return torch.where(image < threshold, (image.to(torch.int16) + add).clamp_(max=255).to(image.dtype), image)
-
-
-def apply_rand_augment_op(
-    image: PIL.Image.Image | torch.Tensor,
-    name: str,
-    argument: float | None,
-    *,
-    fill: Sequence[int],
-    interpolation: v2.InterpolationMode,
-):
-    """Apply one RandAugment op with its argument from :func:`rand_augment_argument`."""
-    base = name.removesuffix("Increasing")
-    if base == "AutoContrast":
-        return F.autocontrast(image)
-    if base == "Equalize":
-        return F.equalize(image)
-    if base == "Invert":
-        return F.invert(image)
-    if base == "Posterize":
-        if argument >= 8:
-            return image
-        if argument <= 0:  # keep no bits: black (Pillow >= 11 rejects bits=0)
-            return image.point([0] * 256 * len(image.getbands())) if isinstance(image, PIL.Image.Image) else image * 0
-        return F.posterize(image, int(argument))
-    if base == "Solarize":
-        return image if argument >= 256 else F.solarize(image, argument)
-    if base == "SolarizeAdd":
-        return _solarize_add(image, int(argument))
-    if base == "Color":
-        return F.adjust_saturation(image, argument)
-    if base == "Contrast":
-        return F.adjust_contrast(image, argument)
-    if base == "Brightness":
-        return F.adjust_brightness(image, argument)
-    if base == "Sharpness":
-        return F.adjust_sharpness(image, argument)
-    # Geometric ops: tensors support only nearest/bilinear here.
-    if not isinstance(image, PIL.Image.Image) and interpolation not in (
-        v2.InterpolationMode.NEAREST,
-        v2.InterpolationMode.BILINEAR,
-    ):
-        interpolation = v2.InterpolationMode.BILINEAR
-    fill = list(fill)
-    if base == "Rotate":
-        return F.rotate(image, argument, interpolation=interpolation, fill=fill)
-    if base in ("ShearX", "ShearY"):
-        # PIL's affine (1, f, 0, 0, 1, 0) about the top-left corner, as timm: shear angle atan(f).
-        angle = math.degrees(math.atan(argument))
-        shear = [angle, 0.0] if base == "ShearX" else [0.0, angle]
-        return F.affine(
-            image,
-            angle=0.0,
-            translate=[0, 0],
-            scale=1.0,
-            shear=shear,
-            interpolation=interpolation,
-            fill=fill,
-            center=[0, 0],
-        )
-    if base in ("TranslateXRel", "TranslateYRel"):
-        width, height = F.get_size(image)[::-1]
-        # timm's PIL offset moves the content by -offset.
-        translate = [-argument * width, 0.0] if base == "TranslateXRel" else [0.0, -argument * height]
-        return F.affine(
-            image, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=interpolation, fill=fill
-        )
-    raise ValueError(f"unknown RandAugment op {name!r}")
-
-
-class RandAugment(v2.Transform):
-    """timm's RandAugment (``rand-m9-mstd0.5-inc1`` and friends) as a torchvision v2 transform.
-
-    Per image: ``num_ops`` ops drawn uniformly with replacement from the 15 ops; each runs with
-    probability ``prob`` at a magnitude drawn from N(``magnitude``, ``magnitude_std``) clipped
-    to [0, ``magnitude_max``]; signed ops (rotate, shear, translate, and the "increasing" colour
-    ops) flip sign with probability 1/2. torchvision's own ``v2.RandAugment`` differs (31 bins,
-    no per-op probability, no magnitude noise, other op set), hence this class.
-
-    Args:
-        magnitude: mean magnitude on timm's 0..10 scale (m9).
-        num_ops: ops per image (n2).
-        magnitude_std: magnitude noise (mstd0.5).
-        increasing: use the ops whose severity grows with magnitude (inc1).
-        prob: probability of each chosen op (p0.5).
-        magnitude_max: upper clip of the magnitude (mmax, 10).
-        fill: geometric ops' fill colour; timm uses the ImageNet mean in 0..255.
-        interpolation: geometric ops' resampling; the reference passes bicubic.
-        translate_pct: translation at magnitude 10 as a fraction of the image side.
-    """
-
-    def __init__(
-        self,
-        magnitude: float = 9,
-        num_ops: int = 2,
-        magnitude_std: float = 0.5,
-        *,
-        increasing: bool = True,
-        prob: float = 0.5,
-        magnitude_max: float = _MAGNITUDE_SCALE,
-        fill: Sequence[int] = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN),
-        interpolation: str = "bicubic",
-        translate_pct: float = 0.45,
-    ) -> None:
-        super().__init__()
-        self.ops = _RAND_INCREASING_OPS if increasing else _RAND_OPS
-        self.magnitude = magnitude
-        self.num_ops = num_ops
-        self.magnitude_std = magnitude_std
-        self.prob = prob
-        self.magnitude_max = magnitude_max
-        self.fill = tuple(int(v) for v in fill)
-        self.interpolation = interpolation_mode(interpolation)
-        self.translate_pct = translate_pct
-
-    @classmethod
-    def from_config(cls, config: str, **kwargs) -> RandAugment:
-        """Parse timm's config string, e.g. ``"rand-m9-mstd0.5-inc1"`` (keys m, n, mstd, inc, p, mmax)."""
-        sections = config.split("-")
-        if sections[0] != "rand":
-            raise ValueError(f"RandAugment config must start with 'rand'; got {config!r}")
-        keys = {"m": "magnitude", "n": "num_ops", "mstd": "magnitude_std", "inc": "increasing", "p": "prob"}
-        keys["mmax"] = "magnitude_max"
-        for section in sections[1:]:
-            match = re.fullmatch(r"([a-z]+)([\d.]+)", section)
-            if match is None or match.group(1) not in keys:
-                raise ValueError(f"RandAugment config {config!r}: unknown section {section!r}")
-            key, value = match.groups()
-            kwargs[keys[key]] = bool(int(value)) if key == "inc" else int(value) if key == "n" else float(value)
-        if kwargs.get("magnitude_std", 0) > 100:  # timm: mstd > 100 means uniform in [0, m]
-            kwargs["magnitude_std"] = float("inf")
-        return cls(**kwargs)
-
-    def _draw_magnitude(self) -> float:
-        magnitude = self.magnitude
-        if self.magnitude_std == float("inf"):
-            magnitude = torch.empty(1).uniform_(0, magnitude).item()
-        elif self.magnitude_std > 0:
-            magnitude = magnitude + self.magnitude_std * torch.randn(1).item()
-        return max(0.0, min(magnitude, self.magnitude_max))
-
-    def forward(self, image):
-        for op_index in torch.randint(len(self.ops), (self.num_ops,)).tolist():
-            if self.prob < 1.0 and torch.rand(1).item() > self.prob:
-                continue
-            name = self.ops[op_index]
-            magnitude = self._draw_magnitude()
-            negate = bool(torch.rand(1).item() > 0.5)
-            argument = rand_augment_argument(name, magnitude, negate, self.translate_pct)
-            image = apply_rand_augment_op(image, name, argument, fill=self.fill, interpolation=self.interpolation)
-        return image
-
-    def extra_repr(self) -> str:
-        return (
-            f"magnitude={self.magnitude}, num_ops={self.num_ops}, magnitude_std={self.magnitude_std}, "
-            f"prob={self.prob}, ops={list(self.ops)}"
-        )
-
-
-class FinetuneTransform:
-    """Fine-tuning train transform: timm ``create_transform(is_training=True)`` as the reference calls it.
-
-    Random resized crop (area ``min_crop_scale`` to 1, bicubic) -> flip -> RandAugment ->
-    to float and normalise -> random erasing (probability ``reprob``, per-pixel normal values,
-    timm's "pixel" mode, one region). timm turns colour jitter off when RandAugment is on.
-
-    Args:
-        input_size: output size.
-        auto_augment: timm RandAugment config string, or None for no RandAugment.
-        reprob: random erasing probability (0.25).
-        min_crop_scale: smallest crop area fraction (0.08).
-        interpolation: crop and RandAugment resampling (bicubic).
-        hflip: flip probability.
-        mean, std: normalisation.
-        uint8_output: stop at uint8; :meth:`finish` then normalises and erases a batch.
-    """
-
-    def __init__(
-        self,
-        input_size: int | Sequence[int] = 224,
-        *,
-        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-        reprob: float = 0.25,
-        min_crop_scale: float = 0.08,
-        interpolation: str = "bicubic",
-        hflip: float = 0.5,
-        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        std: Sequence[float] = IMAGENET_DEFAULT_STD,
-        uint8_output: bool = False,
-    ) -> None:
-        steps = [
-            v2.RandomResizedCrop(
-                _pair(input_size, "input_size"),
-                scale=(min_crop_scale, 1.0),
-                interpolation=interpolation_mode(interpolation),
-            ),
-            v2.RandomHorizontalFlip(hflip),
-        ]
-        if auto_augment:
-            fill = tuple(min(255, round(255 * m)) for m in mean)
-            steps.append(RandAugment.from_config(auto_augment, fill=fill, interpolation=interpolation))
-        self.geometry = v2.Compose(steps)
-        self.normalize = Normalize(mean, std)
-        # timm's defaults: area 0.02..1/3, log-uniform ratio 0.3..3.3, per-pixel N(0, 1) values.
-        self.erase = v2.RandomErasing(p=reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")
-        self.reprob = reprob
-        self.uint8_output = uint8_output
-
-    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        out = _to_uint8_tensor(self.geometry(image))
-        return out if self.uint8_output else self._normalize_and_erase(out)
-
-    def _normalize_and_erase(self, image: torch.Tensor) -> torch.Tensor:
-        out = self.normalize(image)
-        return self.erase(out) if self.reprob > 0 else out
-
-    def finish(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[3, H, W]`` or ``[B, 3, H, W]`` to normalised, erased float (each image its own region)."""
-        if images.dim() == 3:
-            return self._normalize_and_erase(images)
-        out = self.normalize(images)
-        if self.reprob > 0:
-            for i in range(out.shape[0]):
-                out[i] = self.erase(out[i])
-        return out
-
-    def __repr__(self) -> str:
-        return f"FinetuneTransform({self.geometry}, {self.normalize}, {self.erase}, uint8_output={self.uint8_output})"
-
-
-class MixupCutmix:
-    """Batch mixup or cutmix with label smoothing, as timm's ``Mixup`` in "batch" mode.
-
-    With probability ``prob`` a batch is mixed: cutmix with probability ``switch_prob`` (when
-    both alphas are positive), else mixup, by torchvision's ``v2.MixUp``/``v2.CutMix`` (cutmix's
-    lambda corrected to the clipped box area, as timm's ``correct_lam``). The mixed one-hot
-    targets are then smoothed: ``t * (1 - s) + s / K``, which equals timm's mix of smoothed targets.
-
-    Args:
-        num_classes: K.
-        mixup_alpha: Beta parameter of mixup (0.8); 0 disables mixup.
-        cutmix_alpha: Beta parameter of cutmix (1.0); 0 disables cutmix.
-        prob: probability of mixing a batch.
-        switch_prob: probability of cutmix when both are enabled.
-        label_smoothing: s (0.1).
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        mixup_alpha: float = 0.8,
-        cutmix_alpha: float = 1.0,
-        prob: float = 1.0,
-        switch_prob: float = 0.5,
-        label_smoothing: float = 0.1,
-    ) -> None:
-        if num_classes < 1:
-            raise ValueError(f"MixupCutmix: argument 'num_classes' must be positive; got {num_classes}")
-        choices, weights = [], []
-        if mixup_alpha > 0:
-            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-            weights.append(1.0 - switch_prob if cutmix_alpha > 0 else 1.0)
-        if cutmix_alpha > 0:
-            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-            weights.append(switch_prob if mixup_alpha > 0 else 1.0)
-        self.mix = v2.RandomChoice(choices, p=weights) if choices else None
-        self.num_classes = num_classes
-        self.prob = prob
-        self.label_smoothing = label_smoothing
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images [B, 3, H, W]`` float, ``labels [B]`` int64 -> mixed images, soft targets ``[B, K]`` float32."""
-        if self.mix is not None and (self.prob >= 1.0 or torch.rand(1).item() < self.prob):
-            images, targets = self.mix(images, labels)
-        else:
-            targets = torch.nn.functional.one_hot(labels, self.num_classes).to(torch.float32)
-        targets = targets.to(torch.float32) * (1.0 - self.label_smoothing) + self.label_smoothing / self.num_classes
-        return images, targets
-
-    def __repr__(self) -> str:
-        return f"MixupCutmix({self.mix}, prob={self.prob}, label_smoothing={self.label_smoothing})"
