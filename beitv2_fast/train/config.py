@@ -46,7 +46,7 @@ class ArgumentParser(argparse.ArgumentParser):
 # Which commands use a field (its flag appears only in their --help); None: every command.
 PRETRAIN, TOKENIZER, CLASSIFY = ("pretrain",), ("tokenizer",), ("finetune", "linprobe")
 STUDENTS = ("pretrain", "finetune", "linprobe", "segment")  # BEiT backbones (drop path, layer scale)
-EVALUATED = ("tokenizer", "finetune", "linprobe", "segment")
+EVALUATED = ("finetune", "linprobe", "segment")
 
 
 def _f(default: Any, help: str, tasks: tuple[str, ...] | None = None, **kwargs) -> Any:
@@ -102,8 +102,8 @@ class TrainConfig:
     quantize_kmeans_init: bool = _f(True, "k-means initialisation of the codebook on the first batch", TOKENIZER)
     ema_decay: float = _f(0.99, "codebook EMA decay", TOKENIZER)
     # -- fine-tuning / linear probing -------------------------------------------------------
-    finetune: str = _f("", "pretrained checkpoint to start from (official, ours or timm layout)", EVALUATED[1:])
-    nb_classes: int = _f(1000, "number of classes", EVALUATED[1:])
+    finetune: str = _f("", "pretrained checkpoint to start from (official, ours or timm layout)", EVALUATED)
+    nb_classes: int = _f(1000, "number of classes", EVALUATED)
     layer_decay: float = _f(
         1.0, "layer-wise lr decay (0.6-0.65 base, 0.8 large); 1 disables it", ("finetune", "segment")
     )

@@ -157,6 +157,14 @@ def test_tiny_finetune_evaluates_keeps_the_best_and_describes_its_data(tmp_path,
         assert json.loads(metadata["beitv2_fast.model_kwargs"]) == {
             "img_size": 32, "num_classes": 14, "use_mean_pooling": True, "depth": 1,
         }  # fmt: skip
+    # beitv2 eval rebuilds the model from the file's metadata alone and agrees with the run's evaluation.
+    evaluation = ["eval", "--weights", str(tmp_path / "model_best.safetensors"), "--data-dir", "demo",
+                  "--num-workers", "0", "--output-dir", str(tmp_path / "eval")]  # fmt: skip
+    assert cli.main(evaluation) == 0
+    again = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert again["model"] == "beit_tiny_patch16_224" and again["images"] == 112
+    best = max(evals, key=lambda row: row["acc1"])
+    assert again["acc1"] == pytest.approx(best["acc1"]) and again["loss"] == pytest.approx(best["loss"], rel=1e-4)
     # Started again: complete, nothing rewritten.
     before = (tmp_path / "metrics.jsonl").read_text()
     assert cli.main(argv) == 0
