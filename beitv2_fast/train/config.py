@@ -136,7 +136,11 @@ class TrainConfig:
     warmup_lr: float = _f(0.0, "learning rate at the start of the warmup")
     sched: str = _f("cosine", "cosine | poly: the learning-rate schedule after the warmup")
     poly_power: float = _f(1.0, "exponent of the poly schedule (mmcv's PolyLrUpdaterHook)")
-    lr: float = _f(1.5e-3, "peak learning rate, absolute (never rescaled by the batch size)")
+    lr: float = _f(
+        1.5e-3,
+        "peak learning rate, absolute: never rescaled by the batch size (the official VQ-KD script multiplies its "
+        "--lr by the total batch / 128)",
+    )
     min_lr: float = _f(1e-5, "final learning rate of the schedule")
     weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, tokens, position tables, gammas)")
     opt_betas: list = _f([0.9, 0.98], "AdamW betas")
