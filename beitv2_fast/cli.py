@@ -8,6 +8,7 @@
     beitv2 linprobe --recipe linprobe_base --finetune runs/beitv2/model.safetensors --data-dir /imagenet
     torchrun --nproc-per-node 8 -m beitv2_fast segment --recipe seg_ade20k_base \\
         --finetune beitv2_base_patch16_224_pt1k.pth --data-dir /data/ADEChallengeData2016
+    beitv2 eval --weights runs/finetune/model_best.safetensors --data-dir /imagenet    # top-1, top-5, loss
     beitv2 eval --task segment --weights runs/seg/model.safetensors --data-dir /data/ADEChallengeData2016
     beitv2 tokenize --tokenizer-weight vqkd.pth images/*.jpg --output-dir tokens/
     beitv2 convert beitv2_base_patch16_224_pt1k.pth out.safetensors --model beit_base_patch16_224_8k_vocab_cls_pt
@@ -176,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _option_value(argv: list[str], option: str) -> str | None:
+    for i, item in enumerate(argv):
+        if item == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if item.startswith(option + "="):
+            return item.split("=", 1)[1]
+    return None
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from .models.convert import CheckpointMismatchError, CheckpointReadError
     from .train.config import ConfigError
@@ -200,7 +210,10 @@ def _run_command(command: str, rest: list[str]) -> int:
     if command == "convert":
         return convert(rest)
     if command == "eval":
-        from .train.segment import evaluate_command
+        if _option_value(rest, "--task") == "segment":
+            from .train.segment import evaluate_command
+        else:
+            from .train.finetune import evaluate_command
 
         return evaluate_command(rest)
     run_training(TRAINING[command], rest)

@@ -362,14 +362,14 @@ def build_ours(setup: Setup, provider: Provider, device: torch.device):
 
 
 def loop_runner(config, device: torch.device, **task) -> Callable[[StepFeed], None]:
-    """``run(feed)``: our training loop on ``loop.Task(**task)`` with the feed's batches; the run's
+    """``run(feed)``: our training loop on ``loop.TrainingTask(**task)`` with the feed's batches; the run's
     folder (``config.output_dir``) is removed at the end."""
     from beitv2_fast.train import loop
     from beitv2_fast.train.distributed import Distributed
 
     def run(feed: StepFeed) -> None:
         try:
-            loop.train(config, loop.Task(data=loop.TrainData(10**9, lambda epoch, start: feed), **task),
+            loop.train(config, loop.TrainingTask(data=loop.TrainData(10**9, lambda epoch, start: feed), **task),
                        Distributed(device=device))  # fmt: skip
         finally:
             shutil.rmtree(config.output_dir, ignore_errors=True)

@@ -46,7 +46,7 @@ class ArgumentParser(argparse.ArgumentParser):
 # Which commands use a field (its flag appears only in their --help); None: every command.
 PRETRAIN, TOKENIZER, CLASSIFY = ("pretrain",), ("tokenizer",), ("finetune", "linprobe")
 STUDENTS = ("pretrain", "finetune", "linprobe", "segment")  # BEiT backbones (drop path, layer scale)
-EVALUATED = ("tokenizer", "finetune", "linprobe", "segment")
+EVALUATED = ("finetune", "linprobe", "segment")
 
 
 def _f(default: Any, help: str, tasks: tuple[str, ...] | None = None, **kwargs) -> Any:
@@ -102,19 +102,15 @@ class TrainConfig:
     quantize_kmeans_init: bool = _f(True, "k-means initialisation of the codebook on the first batch", TOKENIZER)
     ema_decay: float = _f(0.99, "codebook EMA decay", TOKENIZER)
     # -- fine-tuning / linear probing -------------------------------------------------------
-    finetune: str = _f(
-        "", "pretrained checkpoint to start from (official, ours, timm or MMPretrain layout)", EVALUATED[1:]
-    )
+    finetune: str = _f("", "pretrained checkpoint to start from (official, ours, timm or MMPretrain layout)", EVALUATED)
     model_key: str = _f(
-        "model|module", "--finetune: the first of these keys present holds the weights (|-separated)", EVALUATED[1:]
+        "model|module", "--finetune: the first of these keys present holds the weights (|-separated)", EVALUATED
     )
-    model_prefix: str = _f(
-        "", "--finetune: use only the keys under this prefix, without it (e.g. module.)", EVALUATED[1:]
-    )
+    model_prefix: str = _f("", "--finetune: use only the keys under this prefix, without it (e.g. module.)", EVALUATED)
     model_filter_name: str = _f(
-        "", "--finetune: use only this submodule's keys (encoder: a VQ-KD tokenizer's encoder)", EVALUATED[1:]
+        "", "--finetune: use only this submodule's keys (encoder: a VQ-KD tokenizer's encoder)", EVALUATED
     )
-    nb_classes: int = _f(1000, "number of classes", EVALUATED[1:])
+    nb_classes: int = _f(1000, "number of classes", EVALUATED)
     layer_decay: float = _f(
         1.0, "layer-wise lr decay (0.6-0.65 base, 0.8 large); 1 disables it", ("finetune", "segment")
     )
@@ -159,7 +155,11 @@ class TrainConfig:
     warmup_lr: float = _f(0.0, "learning rate at the start of the warmup")
     sched: str = _f("cosine", "cosine | poly: the learning-rate schedule after the warmup")
     poly_power: float = _f(1.0, "exponent of the poly schedule (mmcv's PolyLrUpdaterHook)")
-    lr: float = _f(1.5e-3, "peak learning rate, absolute (never rescaled by the batch size)")
+    lr: float = _f(
+        1.5e-3,
+        "peak learning rate, absolute: never rescaled by the batch size (the official VQ-KD script multiplies its "
+        "--lr by the total batch / 128)",
+    )
     min_lr: float = _f(1e-5, "final learning rate of the schedule")
     weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, tokens, position tables, gammas)")
     opt_betas: list = _f([0.9, 0.98], "AdamW betas")

@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 
 from ..data import EvalTransform, FinetuneTransform, MixupCutmix, build_loader
 from ..models import LinearProbe, get_parameter_groups, load_for_finetuning
-from .config import ConfigError, TrainConfig
+from .config import ArgumentParser, ConfigError, TrainConfig
 from .distributed import Distributed, all_reduce
 from .inputs import check_batch_fits, create_checked_model, open_image_dataset, validation_folder
-from .loop import TrainData, TrainingTask
+from .loop import AMP_DTYPES, TrainData, TrainingTask
 from .metrics import vit_forward_flops
 
 log = logging.getLogger("beitv2_fast")
@@ -129,3 +132,89 @@ def evaluate_classifier(model: torch.nn.Module, loader, world: Distributed) -> d
         ).double()
     correct1, correct5, loss_sum, count = all_reduce(sums).tolist()
     return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "loss": loss_sum / count}
+
+
+# ------------------------------------------------------------------------------------------------
+# beitv2 eval (classification)
+# ------------------------------------------------------------------------------------------------
+def eval_parser(prog: str = "beitv2 eval") -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog=prog, allow_abbrev=False,
+        description="Top-1, top-5 and loss of a classifier on an image folder (--task segment: segmentation).",
+    )  # fmt: skip
+    parser.add_argument("--task", choices=["classify", "segment"], default="classify", help="what to evaluate")
+    parser.add_argument(
+        "--weights", "--checkpoint", required=True,
+        help="model.safetensors of a finetune run, or an official or timm fine-tuned checkpoint",
+    )  # fmt: skip
+    parser.add_argument("--data-dir", "--data_path", required=True, help="ImageNet-layout folder (its val/ if any)")
+    parser.add_argument(
+        "--model", help="model name (default: the one in the file's metadata, else beit_base_patch16_224)"
+    )
+    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--input-size", type=int, help="image size (default: the file's, else 224)")
+    parser.add_argument("--crop-pct", type=float, help="centre-crop fraction (default: the official 224/256 rule)")
+    parser.add_argument("-b", "--batch-size", type=int, default=64, help="images per rank per batch")
+    parser.add_argument("-j", "--num-workers", type=int, default=4)
+    parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default="float32", help="autocast of the forwards")
+    parser.add_argument("--output-dir", default="runs/eval", help="writes eval.json")
+    return parser
+
+
+def evaluate_command(argv: list[str]) -> int:
+    """``beitv2 eval``: a classifier's top-1/top-5/loss, one process or ``torchrun`` ranks."""
+    parser = eval_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.num_workers < 0 or (args.input_size is not None and args.input_size < 1):
+        parser.error("--batch-size and --input-size must be at least 1, --num-workers cannot be negative")
+    if not os.path.isfile(args.weights):
+        parser.error(f"--weights {args.weights}: no such file")
+    from ..models import load_checkpoint, load_state_dict_file
+    from .config import _parse_key_values, check_output_dir
+    from .distributed import process_group
+    from .loop import resolve_amp_dtype
+    from .metrics import setup_logging
+
+    try:
+        extra = _parse_key_values(args.model_kwargs, "--model-kwargs")
+    except ValueError as exc:
+        parser.error(str(exc))
+    check_output_dir(args.output_dir)
+    saved = safetensors_model(args.weights)
+    name = args.model or saved.get("model") or "beit_base_patch16_224"
+    settings = saved.get("model_kwargs", {}) if name == saved.get("model") else {}
+    input_size = args.input_size or settings.get("img_size", 224)
+    state_dict = load_state_dict_file(args.weights)  # a bad file fails before the data is read
+    with process_group() as world:
+        setup_logging(world)
+        dataset = open_image_dataset("--data-dir", args.data_dir, "val", need_classes=True)
+        settings = {**settings, "img_size": input_size, "num_classes": dataset.num_classes}
+        model = create_checked_model(name, settings, extra)
+        load_checkpoint(model, state_dict, strict=True)
+        loader = build_loader(
+            "classification", dataset, batch_size=args.batch_size, seed=0, shuffle=False, drop_last=False,
+            transform=EvalTransform(input_size, crop_pct=args.crop_pct), num_workers=args.num_workers,
+            device=world.device,
+        )  # fmt: skip
+        amp_dtype = resolve_amp_dtype(args.amp_dtype, world.device)
+        model = model.to(world.device).eval()
+        with torch.autocast(world.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            results = evaluate_classifier(model, loader, world)
+        if world.is_main:
+            print(f"{args.weights}: acc1 {results['acc1']:.3f}  acc5 {results['acc5']:.3f}  loss {results['loss']:.4f}")
+            with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
+                json.dump({"weights": args.weights, "model": name, "images": len(dataset), **results}, f, indent=1)
+    return 0
+
+
+def safetensors_model(path: str) -> dict:
+    """The model name and constructor settings in the metadata of one of our exports ({} otherwise)."""
+    if not path.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+    if "beitv2_fast.model" not in metadata:
+        return {}
+    return {"model": metadata["beitv2_fast.model"], "model_kwargs": json.loads(metadata["beitv2_fast.model_kwargs"])}

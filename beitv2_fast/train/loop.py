@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_output_dir, save_config
 from .distributed import Distributed, barrier, broadcast_buffers, choose_parallel, parallelize, unwrap
 from .metrics import MetricLogger, log
-from .run_folder import delete_run, plan_resume, run_settings, trim_metrics
+from .run_folder import delete_run, plan_resume, run_settings, schedule_steps, trim_metrics
 from .step import (  # noqa: F401 - NonFiniteError is re-exported
     NonFiniteError,
     NonFiniteGuard,
@@ -232,9 +232,7 @@ def train(config: TrainConfig, task: TrainingTask, world: Distributed) -> dict[s
             f"in an epoch of {task.data.batches_per_epoch} batches per rank; lower --batch-size or "
             "--grad-accum-steps, or use more data"
         )
-    # The schedule spans --epochs (--max-steps alone when there are none); --max-steps stops early.
-    total_steps = steps_per_epoch * config.epochs if config.epochs else config.max_steps
-    stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
+    total_steps, stop_step = schedule_steps(config, steps_per_epoch)
     warmup_steps = config.warmup_steps or round(config.warmup_epochs * steps_per_epoch)
     global_batch = task.images_per_batch * config.grad_accum_steps * world.world_size
 
@@ -271,7 +269,7 @@ def train(config: TrainConfig, task: TrainingTask, world: Distributed) -> dict[s
         "%s: %s, %d ranks (%s), %d steps of %d images (schedule: %d steps), %s", config.task, config.model,
         world.world_size, parallel, stop_step, global_batch, total_steps, str(amp_dtype).removeprefix("torch."),
     )  # fmt: skip
-    run_state = {"run": run_settings(config, world.world_size), "stop_step": stop_step, "max_steps": config.max_steps}
+    run_state = {"run": run_settings(config, world.world_size), "steps_per_epoch": steps_per_epoch}
     metadata = export_metadata(config, task)
 
     def save(at_step: int) -> None:

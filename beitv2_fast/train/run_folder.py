@@ -29,7 +29,6 @@ from .config import ConfigError, TrainConfig
 RUN_SETTINGS = (
     "task", "model", "model_kwargs", "input_size", "second_input_size", "tokenizer_model", "tokenizer_kwargs",
     "codebook_size", "codebook_dim", "nb_classes", "early_layers", "head_layers", "batch_size", "grad_accum_steps",
-    "epochs",
 )  # fmt: skip
 # The files of a run (what --overwrite deletes).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "config.yaml", "model.safetensors", "model_best.safetensors")
@@ -105,12 +104,22 @@ def plan_resume(config: TrainConfig, world_size: int) -> ResumePoint:
                 f"--resume {path}: the checkpoint's run differs: {'; '.join(differences)}; resume with its settings, "
                 "pass --allow-changed-settings if the change is deliberate, or use a new --output-dir"
             )
-    complete = (
-        state["step"] >= state.get("stop_step", float("inf"))
-        and state.get("max_steps") == config.max_steps
-        and os.path.exists(os.path.join(out, "model.safetensors"))
+    complete = state["step"] >= stop_step(config, state.get("steps_per_epoch")) and os.path.exists(
+        os.path.join(out, "model.safetensors")
     )
     return ResumePoint(checkpoint=path, step=state["step"], state=state, complete=complete)
+
+
+def schedule_steps(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """``(schedule length, stop step)``: the schedule spans --epochs (--max-steps alone when there
+    are none); --max-steps stops earlier on it."""
+    total = steps_per_epoch * config.epochs if config.epochs else config.max_steps
+    return total, min(total, config.max_steps) if config.max_steps else total
+
+
+def stop_step(config: TrainConfig, steps_per_epoch: int | None) -> float:
+    """The step this configuration stops at (infinite when unknown: a checkpoint of an older version)."""
+    return float("inf") if steps_per_epoch is None else schedule_steps(config, steps_per_epoch)[1]
 
 
 def delete_run(output_dir: str) -> None:

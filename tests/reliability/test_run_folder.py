@@ -96,7 +96,7 @@ def test_rows_logged_after_the_last_checkpoint_are_not_repeated(tmp_path):
     train(config(tmp_path), toy_task(Distributed()), Distributed())
     assert [row["step"] for row in logged_rows(tmp_path)] == list(range(1, 9))
     saved = json.loads((tmp_path / "checkpoints" / "step-00000008" / "state.json").read_text())
-    assert saved["run"]["batch_size"] == 8 and saved["stop_step"] == 8
+    assert saved["run"]["batch_size"] == 8 and saved["steps_per_epoch"] == 4
 
 
 def test_auto_amp_is_float32_on_cpus_without_native_bf16(monkeypatch, caplog):

@@ -21,8 +21,8 @@ TINY_PRETRAIN = ["--model", "beit_tiny_patch16_224_8k_vocab_cls_pt", "--input-si
                  "--codebook-size", "32", "--codebook-dim", "16", "--num-mask-patches", "2",
                  "--min-mask-patches-per-block", "1", "--tokenizer-model", TOKENIZER_NAME, "--tokenizer-kwargs",
                  "encoder_config={depth: 1}", "decoder_config={depth: 1}", "--data-dir", "demo"]  # fmt: skip
-TINY_FINETUNE = ["--data-dir", "demo", "--model", "beit_tiny_patch16_224", "--model-kwargs", "depth=1",
-                 "--input-size", "32", "--nb-classes", "14", "--num-workers", "0", "--amp-dtype", "float32"]  # fmt: skip
+TINY_FINETUNE = ["--model", "beit_tiny_patch16_224", "--model-kwargs", "depth=1", "--input-size", "32",
+                 "--nb-classes", "2", "--num-workers", "0", "--amp-dtype", "float32"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,13 @@ def files(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "flat").mkdir()
     Image.new("RGB", (40, 40)).save(root / "flat" / "a.png")
+    # An ImageNet-layout folder of 2 classes: 8 training and 4 validation images each.
+    for split, count in (("train", 8), ("val", 4)):
+        for colour in ("red", "blue"):
+            folder = root / "imagenet" / split / colour
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (40, 40), colour).save(folder / f"{i}.png")
     return root
 
 
@@ -106,12 +113,12 @@ ERRORS = {
                        ["--input-size 100 is not a multiple of the patch size 16"]),
     "unknown model": (["finetune", "--data-dir", "demo", "--model", "beit_tiny_patch16_225"],
                       ["--model beit_tiny_patch16_225: no such model", "did you mean beit_tiny_patch16_224"]),
-    "model setting": (["finetune", *TINY_FINETUNE, "--model-kwargs", "detph=1"],
+    "model setting": (["finetune", *TINY_FINETUNE, "--data-dir", "demo", "--model-kwargs", "detph=1"],
                       ["--model-kwargs detph=...", "has no setting 'detph'", "depth"]),
-    "early layers": (["pretrain", "--tokenizer-weight", "{tok}", *TINY_PRETRAIN, "--early-layers", "12"],
-                     ["--early-layers 12 must lie below the model's depth 12"]),
-    "batch": (["finetune", *TINY_FINETUNE, "--batch-size", "1000"],
-              ["--batch-size 1000 exceeds the 448 images per rank", "lower --batch-size"]),
+    "early layers": (["pretrain", "--tokenizer-weight", "{tok}", *TINY_PRETRAIN, "--model-kwargs", "depth=2",
+                      "--early-layers", "2"], ["--early-layers 2 must lie below the model's depth 2"]),
+    "batch": (["finetune", *TINY_FINETUNE, "--data-dir", "{root}/imagenet", "--batch-size", "1000"],
+              ["--batch-size 1000 exceeds the 16 images per rank", "lower --batch-size"]),
     "second size": (["pretrain", "--tokenizer-weight", "{tok}", *TINY_PRETRAIN, "--second-input-size", "64"],
                     ["--second-input-size 64 does not match the tokenizer checkpoint", "trained at 32px"]),
     "mask blocks": (["pretrain", "--tokenizer-weight", "{tok}", "--data-dir", "demo", "--num-mask-patches", "10"],
@@ -136,17 +143,18 @@ def test_mistakes_stop_with_one_line_before_training(case, files, tmp_path, caps
     assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
 
 
-def test_tiny_finetune_evaluates_keeps_the_best_and_describes_its_data(tmp_path, capsys):
-    argv = ["finetune", *TINY_FINETUNE, "--batch-size", "64", "--epochs", "2", "--warmup-epochs", "0",
-            "--log-interval", "1", "--output-dir", str(tmp_path)]  # fmt: skip
+def test_tiny_finetune_evaluates_keeps_the_best_and_describes_its_data(files, tmp_path, capsys):
+    data = files / "imagenet"
+    argv = ["finetune", *TINY_FINETUNE, "--data-dir", str(data), "--batch-size", "8", "--epochs", "2",
+            "--warmup-epochs", "0", "--lr", "1e-2", "--log-interval", "1", "--output-dir", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0
     log = capsys.readouterr().out  # the run logs to stdout
-    assert "--data-dir: demo (train split): 448 images, 14 classes" in log
-    assert "(val split): 112 images, 14 classes" in log
-    assert "saved checkpoint step-00000014" in log
+    assert f"--data-dir: {data / 'train'} (train split): 16 images, 2 classes" in log
+    assert f"(its val/ folder): {data / 'val'} (val split): 8 images, 2 classes" in log  # found on its own
+    assert "saved checkpoint step-00000004" in log
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [row for row in rows if row.get("split") == "eval"]
-    assert [row["step"] for row in evals] == [7, 14]
+    assert [row["step"] for row in evals] == [2, 4]
     assert {"acc1", "acc5", "loss", "best_acc1"} <= set(evals[-1])
     assert evals[-1]["best_acc1"] == max(row["acc1"] for row in evals)
     for name in ("model.safetensors", "model_best.safetensors"):
@@ -155,10 +163,18 @@ def test_tiny_finetune_evaluates_keeps_the_best_and_describes_its_data(tmp_path,
             metadata = f.metadata()
         assert metadata["beitv2_fast.model"] == "beit_tiny_patch16_224"
         assert json.loads(metadata["beitv2_fast.model_kwargs"]) == {
-            "img_size": 32, "num_classes": 14, "use_mean_pooling": True, "depth": 1,
+            "img_size": 32, "num_classes": 2, "use_mean_pooling": True, "depth": 1,
         }  # fmt: skip
+    # beitv2 eval rebuilds the model from the file's metadata alone and agrees with the run's evaluation.
+    evaluation = ["eval", "--weights", str(tmp_path / "model_best.safetensors"), "--data-dir", str(data),
+                  "--num-workers", "0", "--output-dir", str(tmp_path / "eval")]  # fmt: skip
+    assert cli.main(evaluation) == 0
+    again = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert again["model"] == "beit_tiny_patch16_224" and again["images"] == 8
+    best = max(evals, key=lambda row: row["acc1"])
+    assert again["acc1"] == pytest.approx(best["acc1"]) and again["loss"] == pytest.approx(best["loss"], rel=1e-4)
     # Started again: complete, nothing rewritten.
     before = (tmp_path / "metrics.jsonl").read_text()
     assert cli.main(argv) == 0
-    assert "is complete (step 14); nothing to do" in capsys.readouterr().out
+    assert "is complete (step 4); nothing to do" in capsys.readouterr().out
     assert (tmp_path / "metrics.jsonl").read_text() == before

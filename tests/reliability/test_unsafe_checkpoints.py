@@ -13,6 +13,7 @@ import zipfile
 
 import pytest
 import torch
+from PIL import Image
 from toy_training import toy_config, toy_task
 
 from beitv2_fast import cli
@@ -161,6 +162,7 @@ CLI_COMMANDS = {
 def test_every_command_refuses_code_with_one_line(command, evil, tmp_path, monkeypatch, capsys):
     files, marker = evil
     monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "image.png")  # tokenize checks its images exist first
     for container in ("legacy pickle", "torch.save zip"):
         argv = [a.replace("{evil}", str(files[container])) for a in CLI_COMMANDS[command]]
         argv += (
