@@ -131,13 +131,18 @@ bring_back
 # 1. The CUDA extension (the Triton and PyTorch backends serve every op if it does not build).
 if [ "$BUILD" = 1 ]; then
     ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo "9.0")
-    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH} run_step "build the CUDA extension" 150 \
+    # BEITV2_BUILD_CUDA=1: a missing toolchain fails this step instead of skipping the extension.
+    BEITV2_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH} run_step "build the CUDA extension" 150 \
         "$PY" setup.py build_ext --inplace
 fi
 run_step "kernel backends" 30 "$PY" -m kernels.env
 
-# 2. Tests that need the GPU.
-run_step "cuda tests" 60 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests
+# 2. Tests that need the GPU, before any timing: the `cuda` marker also covers every CUDA C++ op
+#    (forward and gradients against the reference, backend `cuda`; tests/conftest.py). Where the
+#    extension was to be built, BEITV2_REQUIRE_CUDA_BACKEND=1 makes its absence fail those tests
+#    (with the reason) instead of skipping them.
+BEITV2_REQUIRE_CUDA_BACKEND=$BUILD run_step "cuda tests (CUDA C++ backend included)" 90 \
+    "$PY" -m pytest -m cuda -q -rfEs --maxfail=5 -p no:cacheprovider tests
 
 # 3. The training step against the reference: pretraining at batch 256 then 128 (the most
 #    important providers first), then the tokenizer forward and the tokenizer-training step.
