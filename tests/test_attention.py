@@ -8,6 +8,7 @@ import torch
 
 import kernels
 from kernels import _testing, attention, reference
+from kernels._triton import attention as triton_attention
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEADS = 2
@@ -20,7 +21,7 @@ INTERPRETER_SEQ_LENS = (1, 7, 37)
 def _first_candidate_only(monkeypatch):
     # On a GPU, tuning every shape of the sweeps would compile hundreds of kernel variants;
     # the tuned path has its own test (test_autotuned_kernels_at_beit_shape).
-    monkeypatch.setattr(attention, "AUTOTUNE", False)
+    monkeypatch.setattr(triton_attention, "AUTOTUNE", False)
 
 
 # Each test taking `backend` runs on each of these (tests/conftest.py).
@@ -196,7 +197,7 @@ def test_deterministic_bias_gradient_is_bit_identical(backend, device):
 def test_triton_separate_dbias_kernel(monkeypatch):
     # Sequences longer than FUSED_DBIAS_MAX_N take the dk/dv kernel without dbias plus the
     # dbias kernel; force that path at an interpreter-sized N.
-    monkeypatch.setattr(attention, "FUSED_DBIAS_MAX_N", 16)
+    monkeypatch.setattr(triton_attention, "FUSED_DBIAS_MAX_N", 16)
     with kernels.set_backend("triton"):
         _check_against_reference(*_inputs(3, 37, 80, "cpu"), torch.float32)
         _check_against_reference(*_inputs(3, 20, 32, "cpu", torch.bfloat16), torch.bfloat16, deterministic=True)
@@ -389,8 +390,12 @@ def test_patch_timm_beit_rejects_other_models():
 def test_autotuned_kernels_at_beit_shape(monkeypatch):
     # Every candidate runs while tuning (atomic dbias buffers are reset between trials); the
     # chosen ones must give the reference's result, with and without the deterministic mode.
-    monkeypatch.setattr(attention, "AUTOTUNE", True)
-    for tuner in (attention._fwd_autotuned, attention._dq_autotuned, attention._dkdv_fused_autotuned):
+    monkeypatch.setattr(triton_attention, "AUTOTUNE", True)
+    for tuner in (
+        triton_attention._fwd_autotuned,
+        triton_attention._dq_autotuned,
+        triton_attention._dkdv_fused_autotuned,
+    ):
         monkeypatch.setattr(tuner, "cache", {})
     q, k, v, bias = _inputs(8, 197, 64, "cuda", torch.bfloat16, heads=12)
     with kernels.set_backend("triton"):
@@ -423,7 +428,7 @@ _POINTERS = ("Q", "K", "V", "BIAS", "OUT", "DOUT", "DQ", "DK", "DV")
 def _signature(kernel: str, dtype: str, constexprs: dict) -> tuple[dict, tuple]:
     """Triton types of the runtime arguments, and those that are multiples of 16 at BEiT's shapes
     (every pointer and stride; N = 197 is not), as the launcher specialises them."""
-    fn = getattr(attention, _KERNEL_OF[kernel])
+    fn = getattr(triton_attention, _KERNEL_OF[kernel])
     signature, aligned = {}, []
     for name in fn.arg_names:
         if name in constexprs:
@@ -447,11 +452,11 @@ def _shipped_specs(everything: bool):
     ``everything``, all of them for both (BEITV2_AOT_ALL=1: minutes on two cores)."""
     beit = {("fwd", "16", 64), ("dq", "16", 64), ("dkdv_fused", "16", 64, 256)}
     specs = []
-    for key, tiles in [*attention.CANDIDATES.items(), *attention.HOPPER_CANDIDATES.items()]:
+    for key, tiles in [*triton_attention.CANDIDATES.items(), *triton_attention.HOPPER_CANDIDATES.items()]:
         kernel, precision, block_d = key[:3]
         dtype = "fp32" if precision == "32" else "bf16"
         full_sweep = everything or key in beit
-        archs = (90,) if key in attention.HOPPER_CANDIDATES else (80, 90) if full_sweep else (80,)
+        archs = (90,) if key in triton_attention.HOPPER_CANDIDATES else (80, 90) if full_sweep else (80,)
         constexprs = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
         if kernel != "dbias":
             constexprs["HAS_BIAS"] = True
@@ -463,7 +468,7 @@ def _shipped_specs(everything: bool):
             for arch in archs:
                 specs.append(
                     _testing.AotSpec(
-                        f"kernels.attention:{_KERNEL_OF[kernel]}",
+                        f"kernels._triton.attention:{_KERNEL_OF[kernel]}",
                         signature,
                         full,
                         arch,

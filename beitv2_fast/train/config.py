@@ -75,7 +75,10 @@ class TrainConfig:
     quantize_kmeans_init: bool = _f(True, "k-means initialisation of the codebook on the first batch")
     ema_decay: float = _f(0.99, "codebook EMA decay")
     # -- fine-tuning / linear probing -------------------------------------------------------
-    finetune: str = _f("", "pretrained checkpoint to start from (official, ours or timm layout)")
+    finetune: str = _f("", "pretrained checkpoint to start from (official, ours, timm or MMPretrain layout)")
+    model_key: str = _f("model|module", "--finetune: the first of these keys present holds the weights (|-separated)")
+    model_prefix: str = _f("", "--finetune: use only the keys under this prefix, without it (e.g. module.)")
+    model_filter_name: str = _f("", "--finetune: use only this submodule's keys (encoder: a VQ-KD tokenizer's encoder)")
     nb_classes: int = _f(1000, "number of classes")
     layer_decay: float = _f(1.0, "layer-wise lr decay (0.6-0.65 base, 0.8 large); 1 disables it")
     use_cls: bool = _f(False, "classify from the CLS token instead of mean pooling")
@@ -112,7 +115,10 @@ class TrainConfig:
     # -- systems ----------------------------------------------------------------------------
     amp_dtype: str = _f("bfloat16", "bfloat16 | float16 (with a gradient scaler) | float32")
     parallel: str = _f("auto", "auto | fsdp | ddp | none: auto is FSDP2 on GPUs, DDP on CPUs, none for one process")
-    torchcompile: bool = _f(False, "torch.compile each block (and the tokenizer)")
+    torchcompile: bool = _f(False, "torch.compile the student (one graph; per block under DDP/FSDP2) and the tokenizer")
+    cuda_graphs: bool = _f(
+        False, "CUDA graphs of the compiled graphs (torch.compile mode reduce-overhead); needs --torchcompile and a GPU"
+    )
     grad_checkpointing: bool = _f(False, "activation checkpointing per block")
     seed: int = _f(0, "random seed")
     nonfinite: str = _f("stop", "stop | skip: what a non-finite loss or gradient norm does")
@@ -164,10 +170,16 @@ class TrainConfig:
             (self.num_mask_patches >= 1, "--num-mask-patches must be at least 1"),
             (0 < self.min_crop_scale <= 1, "--min-crop-scale must lie in (0, 1]"),
             (len(self.opt_betas) == 2, "--opt-betas needs two values"),
+            (not self.cuda_graphs or self.torchcompile, "--cuda-graphs needs --torchcompile (it graphs what compiles)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.cuda_graphs:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("--cuda-graphs needs a CUDA GPU and none is visible; drop --cuda-graphs")
         self._validate_task()
         self._validate_paths()
 
