@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import multiprocessing
 import os
 import sys
@@ -70,6 +71,8 @@ class Case:
     flops: int
     baseline: str  # the provider speed-ups are measured against
     mode: str = "fwd"  # fwd | bwd | fwd+bwd
+    floor_ms: float | None = None  # the op's lower bound on this device, where one is stated
+    missing: dict[str, str] = dataclasses.field(default_factory=dict)  # baseline -> why it has no row of figures
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,22 +86,54 @@ def distance_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return d.argmin(dim=1)
 
 
+# Per GPU: SM clock (Hz) and 32-bit lanes per SM per clock, for the running-max bound below.
+SM_ISSUE = {"H100": (1.98e9, 128), "H200": (1.98e9, 128), "A100": (1.41e9, 64)}
+
+
+def codebook_floor_ms(m: int, k: int, d: int, device: torch.device) -> float | None:
+    """max(FLOP time, running-max time): 2 M K D FLOPs at the dense bf16 tensor-core peak, and
+    M K scores each taking at least one instruction (a max) per lane; None where either is unknown."""
+    if device.type != "cuda":
+        return None
+    from beitv2_fast.train.metrics import peak_flops
+
+    peak = peak_flops(device)
+    name = torch.cuda.get_device_name(device)
+    issue = next((v for key, v in SM_ISSUE.items() if key in name), None)
+    if peak is None or issue is None:
+        return None
+    clock, lanes = issue
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return 1e3 * max(2 * m * k * d / peak, m * k / (sms * lanes * clock))
+
+
+def _cycling(inputs: list[torch.Tensor], fn: Callable[[torch.Tensor], object]) -> Callable[[], object]:
+    """Each call takes the next input set, so repeated calls do not find it in the L2 cache."""
+    turn = itertools.count()
+    return lambda: fn(inputs[next(turn) % len(inputs)])
+
+
 def codebook_case(args, device: torch.device) -> Case:
     dtype = DTYPES[args.dtype]
-    z = torch.randn(args.m, args.d, device=device, dtype=dtype)
+    z_bytes = args.m * args.d * torch.finfo(dtype).bits // 8
+    # Enough input sets to cover twice the L2 cache (the codebook, 0.5 MB, stays cached as in a real step).
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    sets = max(1, min(32, -(-2 * l2 // max(z_bytes, 1))))
+    zs = [torch.randn(args.m, args.d, device=device, dtype=dtype) for _ in range(sets)]
     codebook = F.normalize(torch.randn(args.k, args.d, device=device), dim=-1).to(dtype)
     providers = {
-        "distance+argmin (unilm)": lambda: distance_argmin(z, codebook),
-        "matmul+argmax": lambda: reference.codebook_lookup(z, codebook),
+        "distance+argmin (unilm)": _cycling(zs, lambda z: distance_argmin(z, codebook)),
+        "matmul+argmax": _cycling(zs, lambda z: reference.codebook_lookup(z, codebook)),
     }
     if device.type == "cuda":
         compiled = torch.compile(distance_argmin)
-        providers["torch.compile(distance+argmin)"] = lambda: compiled(z, codebook)
+        providers["torch.compile(distance+argmin)"] = _cycling(zs, lambda z: compiled(z, codebook))
         available = {"triton": _dispatch.TRITON_AVAILABLE, "cuda": _dispatch.CUDA_EXTENSION_AVAILABLE, "torch": True}
         for backend in (name for name, ok in available.items() if ok):
-            providers[f"ours[{backend}]"] = _with_backend(backend, lambda: kernels.codebook_lookup(z, codebook))
+            lookup = _cycling(zs, lambda z: kernels.codebook_lookup(z, codebook))
+            providers[f"ours[{backend}]"] = _with_backend(backend, lookup)
     else:
-        providers["ours[torch, chunked]"] = lambda: kernels.codebook_lookup(z, codebook)
+        providers["ours[torch, chunked]"] = _cycling(zs, lambda z: kernels.codebook_lookup(z, codebook))
     element = torch.finfo(dtype).bits // 8
     return Case(
         op="codebook",
@@ -108,6 +143,7 @@ def codebook_case(args, device: torch.device) -> Case:
         bytes_moved=(args.m + args.k) * args.d * element + args.m * (8 + 4),
         flops=2 * args.m * args.k * args.d,
         baseline="distance+argmin (unilm)",
+        floor_ms=codebook_floor_ms(args.m, args.k, args.d, device),
     )
 
 
@@ -192,8 +228,16 @@ def _pass_cases(op: str, shape: str, args, providers: dict[str, dict], work: dic
 # Masked linear cross-entropy
 # --------------------------------------------------------------------------------------------
 def masked_ce_case(args, device: torch.device) -> list[Case]:
+    """One head's masked rows (fwd, bwd, fwd+bwd), then the shared-LM-head case: both heads'
+    rows through one call (fwd+bwd only, to keep the suite short)."""
+    shared = [case for case in _masked_ce_cases(args, 2 * args.m, device, "shared LM head, ") if case.mode == "fwd+bwd"]
+    return _masked_ce_cases(args, args.m, device, "") + shared
+
+
+def _masked_ce_cases(args, m: int, device: torch.device, label: str) -> list[Case]:
     dtype = DTYPES[args.dtype]
-    m, c, v = args.m, args.c, args.v
+    c, v = args.c, args.v
+    missing = {}
     x = torch.randn(m, c, device=device, dtype=dtype, requires_grad=True)
     weight = (torch.randn(v, c, device=device) / c**0.5).to(dtype).requires_grad_()
     bias = torch.zeros(v, device=device, dtype=dtype, requires_grad=True)
@@ -216,7 +260,7 @@ def masked_ce_case(args, device: torch.device) -> list[Case]:
                 lambda a, w, b: liger_fused_linear_cross_entropy(a, w, target, bias=b), leaves
             )
         except ImportError:
-            pass
+            missing["Liger fused_linear_cross_entropy"] = "not installed (liger-kernel)"
         try:
             from cut_cross_entropy import linear_cross_entropy
 
@@ -224,7 +268,7 @@ def masked_ce_case(args, device: torch.device) -> list[Case]:
                 lambda a, w, b: linear_cross_entropy(a, w, target, bias=b), leaves
             )
         except ImportError:
-            pass
+            missing["Cut Cross-Entropy"] = "not installed (cut-cross-entropy)"
         backends = [name for name, ok in {"triton": _dispatch.TRITON_AVAILABLE, "torch": True}.items() if ok]
         names = {backend: backend for backend in backends}
     else:
@@ -243,7 +287,12 @@ def masked_ce_case(args, device: torch.device) -> list[Case]:
         "bwd": (inputs + (m * c + v * c + v) * element, 4 * m * c * v),  # dlogits @ weight, dlogits^T @ x
     }
     work["fwd+bwd"] = (work["bwd"][0], 6 * m * c * v)
-    return _pass_cases("masked_ce", f"M={m} C={c} V={v}", args, providers, work, "linear+cross_entropy (reference)")
+    cases = _pass_cases(
+        "masked_ce", f"{label}M={m} C={c} V={v}", args, providers, work, "linear+cross_entropy (reference)"
+    )
+    for case in cases:
+        case.missing = missing
+    return cases
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,6 +504,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, case_in
                 "GB/s": round(case.bytes_moved / median / 1e6, 2),
                 "TFLOP/s": round(case.flops / median / 1e9, 3),
                 "peak_extra_MiB": "" if peak is None else round(peak, 1),
+                "floor_fraction": "" if case.floor_ms is None else round(case.floor_ms / median, 3),
             }
         )
     baseline = next(r for r in rows if r["provider"] == case.baseline)
@@ -462,10 +512,15 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, case_in
         row["speedup"] = round(baseline["ms"] / row["ms"], 2)
         has_memory = row["peak_extra_MiB"] != "" and baseline["peak_extra_MiB"]
         row["memory_vs_baseline"] = round(row["peak_extra_MiB"] / baseline["peak_extra_MiB"], 4) if has_memory else ""
+    for provider, reason in case.missing.items():
+        rows.append({**rows[0], **dict.fromkeys(COLUMNS, ""), "provider": provider, "ms": reason})
     return rows
 
 
-COLUMNS = ["provider", "ms", "ms_p20", "ms_p80", "GB/s", "TFLOP/s", "peak_extra_MiB", "speedup", "memory_vs_baseline"]
+COLUMNS = [
+    "provider", "ms", "ms_p20", "ms_p80", "GB/s", "TFLOP/s", "peak_extra_MiB", "speedup", "memory_vs_baseline",
+    "floor_fraction",
+]  # fmt: skip
 
 
 def title(rows: list[dict]) -> str:
@@ -512,7 +567,11 @@ def plot_sweep(rows: list[dict], name: str, directory: str) -> list[str]:
         group = [r for r in rows if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype)]
         figure, (time_axis, speed_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
         for provider in dict.fromkeys(r["provider"] for r in group):
-            points = sorted((r[name], r["ms"], r["speedup"]) for r in group if r["provider"] == provider)
+            points = sorted(
+                (r[name], r["ms"], r["speedup"])
+                for r in group
+                if r["provider"] == provider and isinstance(r["ms"], float)
+            )
             xs = [p[0] for p in points]
             time_axis.plot(xs, [p[1] for p in points], marker="o", label=provider)
             speed_axis.plot(xs, [p[2] for p in points], marker="o", label=provider)

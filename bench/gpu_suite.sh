@@ -177,10 +177,16 @@ run_step "training step: tokenizer training" 60 \
 #    the tests that need the GPU.
 if [ "$BUILD" = 1 ]; then
     ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo "9.0")
-    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH} run_step "build the CUDA extension" 150 \
+    # BEITV2_BUILD_CUDA=1: a missing toolchain fails this step instead of skipping the extension.
+    BEITV2_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH} run_step "build the CUDA extension" 150 \
         "$PY" setup.py build_ext --inplace
 fi
-run_step "cuda tests" 60 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests
+#    The `cuda` marker also covers every CUDA C++ op (forward and gradients against the
+#    reference, backend `cuda`; tests/conftest.py). Where the extension was to be built,
+#    BEITV2_REQUIRE_CUDA_BACKEND=1 makes its absence fail those tests (with the reason) instead of
+#    skipping them, so a failed build shows in the results twice, never as a pass.
+BEITV2_REQUIRE_CUDA_BACKEND=$BUILD run_step "cuda tests (CUDA C++ backend included)" 90 \
+    "$PY" -m pytest -m cuda -q -rfEs --maxfail=5 -p no:cacheprovider tests
 
 # 5. The segmentation step (ViT-B + UperNet at 512 px, 1025 tokens): ours against the same model
 #     with SDPA float-mask attention (the official mmseg stack does not install on current torch).

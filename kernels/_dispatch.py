@@ -133,6 +133,7 @@ class Implementation:
     forward: Callable
     backward: Callable | None = None  # None where the op's backward is backend-independent
     available: Callable[[], tuple[bool, str]] = _always
+    note: str = ""  # what a user choosing this backend should know (printed by kernels.env)
 
 
 def get_backend() -> str:

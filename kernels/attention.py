@@ -120,6 +120,8 @@ IMPLEMENTATIONS = {
         _cuda_extension_forward,
         _cuda_extension_backward,
         available=_dispatch.cuda_extension_status(OP),
+        note="the portable reference backend: fp32 arithmetic on CUDA cores, no tensor cores, "
+        "several times slower than Triton (auto prefers Triton)",
     ),
     "torch": _dispatch.Implementation(_torch_forward, _torch_backward),
 }

@@ -27,7 +27,6 @@ CPU_CHUNK_BYTES = 16 << 20  # the PyTorch kernel's similarity chunk: bounded, st
 
 def finish_similarity(best_dot: torch.Tensor, z: torch.Tensor, normalize_input: bool) -> torch.Tensor:
     """The similarity of the winning code from its raw dot product (every backend's last step)."""
-    """The similarity of the winning code from its raw dot product (every backend's last step)."""
     if not normalize_input:
         return best_dot
     return best_dot / torch.linalg.vector_norm(z.float(), dim=-1).clamp_min(NORM_EPS)

@@ -35,6 +35,10 @@ def report() -> str:
         for device in ("cuda", "cpu"):
             implementation, reason = _dispatch.explain(device, implementations)
             lines.append(f"{name:<30} {device:<7} {implementation:<15} {reason}")
+    for name, implementations in OPS.items():
+        for backend, implementation in implementations.items():
+            if implementation.note:
+                lines.append(f"note: {name} backend {backend!r} is {implementation.note}")
     return "\n".join(lines)
 
 

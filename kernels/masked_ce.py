@@ -56,6 +56,27 @@ def chunk_rows(m: int, vocab: int, element_bytes: int, budget: int, multiple: in
     return min(m, -(-rows // multiple) * multiple)
 
 
+def vocab_splits(row_blocks: int, vocab_tiles: int, slots: int, most: int) -> int:
+    """How many ways the Triton logits kernel splits the vocabulary of one row chunk.
+
+    ``row_blocks`` programs per split run on ``slots`` resident programs (SMs x programs per
+    SM) in waves; a split of ``ceil(vocab_tiles / s)`` tiles per program costs that many tile
+    products plus about one tile of fixed work (the row block's loads, the partial results). The
+    choice minimises waves x (tiles per program + 1), fewest splits on a tie, so that the last
+    wave is not left mostly idle (at 60 row blocks and 132 SMs, 5 splits gave 300 programs,
+    2.27 waves). Pure arithmetic, so that the CPU tests check it for any GPU size.
+    """
+    best_splits, best_cost = 1, None
+    for wanted in range(1, max(1, min(most, vocab_tiles)) + 1):
+        per_program = -(-vocab_tiles // wanted)
+        splits = -(-vocab_tiles // per_program)  # the launcher rounds each split to whole tiles
+        waves = -(-row_blocks * splits // slots)
+        cost = waves * (per_program + 1)
+        if best_cost is None or cost < best_cost:
+            best_splits, best_cost = splits, cost
+    return best_splits
+
+
 def folds_mean(dtype: torch.dtype) -> bool:
     """Whether the gradient stored by the forward includes the 1/n of the mean (not for fp16, where
     the loss scale that arrives in the backward must be applied before the smallest values underflow)."""

@@ -29,10 +29,12 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_generate_tests(metafunc):
     # A kernel test module names the backends it covers in KERNEL_BACKENDS; every test of it
-    # that takes the `backend` fixture runs once per backend.
+    # that takes the `backend` fixture runs once per backend. The CUDA C++ runs carry the `cuda`
+    # marker, so `pytest -m cuda` (bench/gpu_suite.sh) runs every op's C++ tests on a GPU.
     backends = getattr(metafunc.module, "KERNEL_BACKENDS", None)
     if backends and "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend", backends, indirect=True)
+        params = [pytest.param(name, marks=pytest.mark.cuda) if name == "cuda" else name for name in backends]
+        metafunc.parametrize("backend", params, indirect=True)
 
 
 @pytest.fixture
@@ -43,6 +45,8 @@ def backend(request, device):
 
     name = request.param
     if name == "cuda" and (device.type != "cuda" or not _dispatch.CUDA_EXTENSION_AVAILABLE):
+        if device.type == "cuda" and os.environ.get("BEITV2_REQUIRE_CUDA_BACKEND") == "1":  # bench/gpu_suite.sh
+            pytest.fail(f"the CUDA C++ backend is required here but unavailable: {_dispatch.CUDA_EXTENSION_STATUS}")
         pytest.skip("the CUDA C++ backend needs a GPU and the built extension")
     if name == "triton" and device.type != "cuda" and not _dispatch.triton_interpret():
         pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")

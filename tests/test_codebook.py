@@ -89,6 +89,21 @@ def test_ties_resolve_to_lowest_index(backend, device):
     assert zero_ids.tolist() == [0, 0, 0] and zero_sim.abs().max().item() == 0
 
 
+def test_nan_wins_like_torch_argmax(backend, device):
+    # A NaN score beats every number and the first NaN's index is returned (torch.argmax).
+    cb = _unit_codebook(100, 16, device)
+    z = torch.randn(6, 16, device=device)
+    z[2, 5] = float("nan")  # every score of row 2 is NaN: code 0
+    ids, sim = kernels.codebook_lookup(z, cb)
+    ref_ids, ref_sim = reference.codebook_lookup(z, cb)
+    assert ids.tolist() == ref_ids.tolist() and ids[2].item() == 0
+    assert torch.isnan(sim[2]) and not torch.isnan(sim[[0, 1, 3, 4, 5]]).any()
+    cb[[71, 40], 3] = float("nan")  # codes 40 and 71 score NaN in every row: the lower one wins
+    ids, sim = kernels.codebook_lookup(z, cb)
+    assert ids.tolist() == reference.codebook_lookup(z, cb)[0].tolist() == [40, 40, 0, 40, 40, 40]
+    assert torch.isnan(sim).all()
+
+
 def test_unnormalized_input_gives_raw_dot(backend, device):
     cb = _unit_codebook(50, 32, device)
     z = torch.randn(40, 32, device=device)

@@ -13,6 +13,11 @@ from ..codebook import finish_similarity
 
 
 @triton.jit
+def _max_with_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _codebook_argmax_kernel(
     Z,  # [M, D] rows, unit stride along D
     CODEBOOK,  # [K, D] codes, unit stride along D
@@ -52,11 +57,16 @@ def _codebook_argmax_kernel(
         # -- scores of this tile, fp32 accumulation ----
         scores = tl.dot(z, tl.trans(c), input_precision=DOT_PRECISION)
         scores = tl.where(code_ok[None, :], scores, float("-inf"))
-        tile_best, tile_id = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        # strictly greater: on a tie the earlier (lower) index stays, as torch.argmax
-        better = tile_best > best
+        # torch.argmax's rules: a NaN beats every number, then the lowest index wins. The max
+        # propagates NaN; the tile's index is the lowest column equal to it (or the first NaN:
+        # when the max is a number there is no NaN in the row).
+        tile_best = tl.reduce(scores, 1, _max_with_nan)
+        hit = (scores == tile_best[:, None]) | (scores != scores)
+        tile_id = tl.min(tl.where(hit, codes[None, :], k_end), axis=1)
+        # strictly greater: on a tie the earlier (lower) index stays
+        better = (tile_best > best) | ((tile_best != tile_best) & (best == best))
         best = tl.where(better, tile_best, best)
-        best_id = tl.where(better, tile_id + k0, best_id)
+        best_id = tl.where(better, tile_id, best_id)
 
     out = split * M + rows
     tl.store(BEST + out, best, mask=row_ok)

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch, _scaffold
-from ..masked_ce import chunk_rows, folds_mean, grad_buffers, reduce_rows, row_weights
+from ..masked_ce import chunk_rows, folds_mean, grad_buffers, reduce_rows, row_weights, vocab_splits
 
 GPU_CHUNK_BYTES = 64 << 20  # gradient of the logits of one row chunk (input dtype)
 VOCAB_TILE = 128  # logit columns per tile on the GPU: the unit of the stored references
@@ -276,8 +276,14 @@ INTERPRETER_FINISH_BLOCK_R = 16
 
 
 def _num_splits(rows: int, vocab: int, device: torch.device) -> int:
-    """Split the vocabulary over programs when the row blocks alone leave most SMs idle."""
-    return _scaffold.splits_to_fill(device, triton.cdiv(rows, 64), triton.cdiv(vocab, 4 * VOCAB_TILE), waves=2)
+    """Split the vocabulary over programs so that the waves of programs fill the SMs evenly
+    (one program of the 64-row tiles per SM); one split under the interpreter."""
+    if device.type != "cuda":
+        return 1
+    tile_count = triton.cdiv(vocab, VOCAB_TILE)
+    return vocab_splits(
+        triton.cdiv(rows, 64), tile_count, _scaffold.sm_count(device), triton.cdiv(vocab, 4 * VOCAB_TILE)
+    )
 
 
 class _TritonChunks:
