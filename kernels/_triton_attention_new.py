@@ -51,6 +51,16 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Shared pieces
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _dims_and_mask(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The head-dim offsets and their mask; a constant mask (folded away) when Dh fills the tile,
+    so that no broadcast mask tensor stays live in registers."""
+    dims = tl.arange(0, BLOCK_D)
+    if HEAD_DIM == BLOCK_D:
+        return dims, tl.full([BLOCK_D], 1, tl.int1)
+    return dims, dims < HEAD_DIM
+
+
+@triton.jit
 def _load_rows(BASE, rows, row_ok, dims, dim_ok, stride_row):
     """A ``[rows, dims]`` tile of one ``[N, Dh]`` head (unit stride along Dh), zeros outside."""
     return tl.load(BASE + rows[:, None] * stride_row + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -123,9 +133,8 @@ def _fwd_kernel(
     off_b = pid_bh // H
     off_h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
+    dims, dim_ok = _dims_and_mask(HEAD_DIM, BLOCK_D)
     row_ok = rows < N
-    dim_ok = dims < HEAD_DIM
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, rows, row_ok, dims, dim_ok, stride_qn)
     k_head = K + off_b * stride_kb + off_h * stride_kh
     v_head = V + off_b * stride_vb + off_h * stride_vh
@@ -157,24 +166,17 @@ def _fwd_kernel(
 # Backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _add_dq(
-    DQ_ACC, DQ_HEAD, dq_part, rows, dims, N, HEAD_DIM, stride_dqn, scale, after_first, before_last, last,
-    TRANSPOSED: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+def _add_dq(DQ_ACC, dq_part, rows, dims, dim_ok, N, after_first, TRANSPOSED: tl.constexpr, BLOCK_D: tl.constexpr):
     """Add one key tile's dq contribution (``[rows, Dh]``, or ``[Dh, rows]`` transposed) to the
-    program's fp32 scratch; the first key tile stores instead of adding, the last writes dq.
-    (The flags come as pairs, not negated: the interpreter may pass Python bools.)"""
+    program's fp32 scratch; the first key tile stores instead of adding."""
     if TRANSPOSED:
-        ok = (rows[None, :] < N) & (dims[:, None] < HEAD_DIM)
-        acc_ptrs = DQ_ACC + rows[None, :] * BLOCK_D + dims[:, None]
-        out_ptrs = DQ_HEAD + rows[None, :] * stride_dqn + dims[:, None]
+        ok = (rows[None, :] < N) & dim_ok[:, None]
+        ptrs = DQ_ACC + rows[None, :] * BLOCK_D + dims[:, None]
     else:
-        ok = (rows[:, None] < N) & (dims[None, :] < HEAD_DIM)
-        acc_ptrs = DQ_ACC + rows[:, None] * BLOCK_D + dims[None, :]
-        out_ptrs = DQ_HEAD + rows[:, None] * stride_dqn + dims[None, :]
-    dq_part += tl.load(acc_ptrs, mask=ok & after_first, other=0.0)
-    tl.store(acc_ptrs, dq_part, mask=ok & before_last)
-    tl.store(out_ptrs, (dq_part * scale).to(DQ_HEAD.dtype.element_ty), mask=ok & last)
+        ok = (rows[:, None] < N) & dim_ok[None, :]
+        ptrs = DQ_ACC + rows[:, None] * BLOCK_D + dims[None, :]
+    dq_part += tl.load(ptrs, mask=ok & after_first, other=0.0)
+    tl.store(ptrs, dq_part, mask=ok)
 
 
 @triton.jit
@@ -203,14 +205,15 @@ def _query_side(Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_ACC, rows, N, dims, dim_ok, str
 
 @triton.jit
 def _key_rows_tile(
-    k, v, dk, dv, cols, start_m, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_ACC, BIAS_HEAD, DQ_ACC, DQ_HEAD, DBIAS_HEAD,
-    N, HEAD_DIM, dims, dim_ok, stride_qn, stride_don, stride_dqn, stride_bias_m, stride_dbias_m,
-    scale, qk_scale, after_first_key, before_last_key, last_key, after_first_batch,
+    k, v, dk, dv, cols, start_m, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_ACC, BIAS_HEAD, DQ_ACC, DBIAS_HEAD,
+    N, dims, dim_ok, stride_qn, stride_don, stride_bias_m, stride_dbias_m,
+    qk_scale, after_first_key, after_first_batch,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
     DQ_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One (key block, query tile) pair with the keys as the M side: ``[keys, queries]`` tiles.
-    dq = dS K has the queries as its M side, so a 16-query tail computes dq^T = K^T dS^T."""
+    dq = dS K has the queries as its M side, so query tiles under 64 compute dq^T = K^T dS^T
+    instead (Dh the M side)."""
     rows = start_m + tl.arange(0, BLOCK_Q)
     q, do, lse2, delta = _query_side(Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_ACC, rows, N, dims, dim_ok, stride_qn, stride_don)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
@@ -227,44 +230,10 @@ def _key_rows_tile(
         dq_part = tl.dot(tl.trans(k), ds_lowp, input_precision=DOT_PRECISION)
     else:
         dq_part = tl.dot(tl.trans(ds_lowp), k, input_precision=DOT_PRECISION)
-    _add_dq(
-        DQ_ACC, DQ_HEAD, dq_part, rows, dims, N, HEAD_DIM, stride_dqn, scale, after_first_key, before_last_key,
-        last_key, DQ_TRANSPOSED, BLOCK_D,
-    )  # fmt: skip
+    _add_dq(DQ_ACC, dq_part, rows, dims, dim_ok, N, after_first_key, DQ_TRANSPOSED, BLOCK_D)
     if NEED_DBIAS:
         _add_dbias(DBIAS_HEAD, ds_t, rows, cols, N, stride_dbias_m, after_first_batch, True)
     return dk, dv
-
-
-@triton.jit
-def _key_tail_tile(
-    k, v, dk_t, dv_t, cols, start_m, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_ACC, BIAS_HEAD, DQ_ACC, DQ_HEAD, DBIAS_HEAD,
-    N, HEAD_DIM, dims, dim_ok, stride_qn, stride_don, stride_dqn, stride_bias_m, stride_dbias_m,
-    scale, qk_scale, after_first_key, before_last_key, last_key, after_first_batch,
-    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """One (16-key tail tile, query block) pair with the queries as the M side: ``[queries, keys]``
-    tiles, and dK^T, dV^T ``[Dh, keys]`` (Dh the M side)."""
-    rows = start_m + tl.arange(0, BLOCK_Q)
-    q, do, lse2, delta = _query_side(Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_ACC, rows, N, dims, dim_ok, stride_qn, stride_don)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if HAS_BIAS:
-        s += _bias_log2(BIAS_HEAD, rows, cols, N, stride_bias_m, False)
-    p = tl.where((cols < N)[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    dv_t += tl.dot(tl.trans(do), p.to(do.dtype), input_precision=DOT_PRECISION)
-    ds_lowp = ds.to(q.dtype)
-    dk_t += tl.dot(tl.trans(q), ds_lowp, input_precision=DOT_PRECISION)
-    dq_part = tl.dot(ds_lowp, k, input_precision=DOT_PRECISION)
-    _add_dq(
-        DQ_ACC, DQ_HEAD, dq_part, rows, dims, N, HEAD_DIM, stride_dqn, scale, after_first_key, before_last_key,
-        last_key, False, BLOCK_D,
-    )  # fmt: skip
-    if NEED_DBIAS:
-        _add_dbias(DBIAS_HEAD, ds, rows, cols, N, stride_dbias_m, after_first_batch, False)
-    return dk_t, dv_t
 
 
 @triton.jit
@@ -290,17 +259,13 @@ def _bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_KEYS: tl.constexpr,
     BLOCK_QUERIES: tl.constexpr,
-    TAIL: tl.constexpr,  # tile of the ragged ends; 0: whole blocks throughout
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
+    dims, dim_ok = _dims_and_mask(HEAD_DIM, BLOCK_D)
     # The program's own scratch: dq in fp32 [N, BLOCK_D] and delta [N].
     dq_acc = DQ_ACC + pid.to(tl.int64) * N * BLOCK_D
     delta_acc = DELTA_ACC + pid.to(tl.int64) * N
-    keys_end = (N // BLOCK_KEYS) * BLOCK_KEYS if TAIL > 0 else N  # full key blocks
-    queries_end = (N // BLOCK_QUERIES) * BLOCK_QUERIES if TAIL > 0 else N
     # A persistent grid: each program takes (head, batch group) items in turn.
     for item in range(pid, num_items, tl.num_programs(0)):
         off_h = (item % H).to(tl.int64)
@@ -314,7 +279,6 @@ def _bwd_kernel(
             q_head = Q + off_b * stride_qb + off_h * stride_qh
             do_head = DOUT + off_b * stride_dob + off_h * stride_doh
             lse_head = LSE + (off_b * H + off_h) * N
-            dq_head = DQ + off_b * stride_dqb + off_h * stride_dqh
             # delta_i = sum_j P_ij dP_ij = <dO_i, O_i>
             for start_m in range(0, N, BLOCK_QUERIES):
                 rows = start_m + tl.arange(0, BLOCK_QUERIES)
@@ -322,98 +286,72 @@ def _bwd_kernel(
                 o = _load_rows(OUT + off_b * stride_ob + off_h * stride_oh, rows, row_ok, dims, dim_ok, stride_on)
                 do = _load_rows(do_head, rows, row_ok, dims, dim_ok, stride_don)
                 tl.store(delta_acc + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1), mask=row_ok)
-            # Scratch written by some threads is read by others: a barrier after each key tile.
             tl.debug_barrier()
 
-            for start_n in range(0, keys_end, BLOCK_KEYS):
+            for start_n in range(0, N, BLOCK_KEYS):
                 cols = start_n + tl.arange(0, BLOCK_KEYS)
                 col_ok = cols < N
                 k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, cols, col_ok, dims, dim_ok, stride_kn)
                 v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, cols, col_ok, dims, dim_ok, stride_vn)
                 dk = tl.zeros([BLOCK_KEYS, BLOCK_D], tl.float32)
                 dv = tl.zeros([BLOCK_KEYS, BLOCK_D], tl.float32)
-                after_first_key, before_last_key, last_key = (
-                    start_n > 0,
-                    start_n + BLOCK_KEYS < N,
-                    start_n + BLOCK_KEYS >= N,
-                )
-                for start_m in range(0, queries_end, BLOCK_QUERIES):
+                after_first_key = start_n > 0
+                for start_m in range(0, N, BLOCK_QUERIES):
                     dk, dv = _key_rows_tile(
-                        k, v, dk, dv, cols, start_m, q_head, do_head, lse_head, delta_acc, bias_head, dq_acc, dq_head,
-                        dbias_head, N, HEAD_DIM, dims, dim_ok, stride_qn, stride_don, stride_dqn, stride_bias_m,
-                        stride_dbias_m, scale, qk_scale, after_first_key, before_last_key, last_key, after_first_batch,
-                        HAS_BIAS, NEED_DBIAS, BLOCK_QUERIES, BLOCK_D, False, DOT_PRECISION,
+                        k, v, dk, dv, cols, start_m, q_head, do_head, lse_head, delta_acc, bias_head, dq_acc,
+                        dbias_head, N, dims, dim_ok, stride_qn, stride_don, stride_bias_m, stride_dbias_m, qk_scale,
+                        after_first_key, after_first_batch, HAS_BIAS, NEED_DBIAS, BLOCK_QUERIES, BLOCK_D,
+                        BLOCK_QUERIES < 64, DOT_PRECISION,
                     )  # fmt: skip
-                if TAIL > 0:
-                    for start_m in range(queries_end, N, TAIL):
-                        dk, dv = _key_rows_tile(
-                            k, v, dk, dv, cols, start_m, q_head, do_head, lse_head, delta_acc, bias_head, dq_acc,
-                            dq_head, dbias_head, N, HEAD_DIM, dims, dim_ok, stride_qn, stride_don, stride_dqn,
-                            stride_bias_m, stride_dbias_m, scale, qk_scale, after_first_key, before_last_key, last_key, after_first_batch,
-                            HAS_BIAS, NEED_DBIAS, TAIL, BLOCK_D, True, DOT_PRECISION,
-                        )  # fmt: skip
                 ok = col_ok[:, None] & dim_ok[None, :]
                 dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + cols[:, None] * stride_dkn + dims[None, :]
                 dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + cols[:, None] * stride_dvn + dims[None, :]
                 tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=ok)
                 tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
+                # Scratch written by some threads is read by others in the next key block.
                 tl.debug_barrier()
-
-            if TAIL > 0:
-                for start_n in range(keys_end, N, TAIL):
-                    cols = start_n + tl.arange(0, TAIL)
-                    col_ok = cols < N
-                    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, cols, col_ok, dims, dim_ok, stride_kn)
-                    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, cols, col_ok, dims, dim_ok, stride_vn)
-                    dk_t = tl.zeros([BLOCK_D, TAIL], tl.float32)
-                    dv_t = tl.zeros([BLOCK_D, TAIL], tl.float32)
-                    after_first_key, before_last_key, last_key = start_n > 0, start_n + TAIL < N, start_n + TAIL >= N
-                    for start_m in range(0, N, BLOCK_QUERIES):
-                        dk_t, dv_t = _key_tail_tile(
-                            k, v, dk_t, dv_t, cols, start_m, q_head, do_head, lse_head, delta_acc, bias_head, dq_acc,
-                            dq_head, dbias_head, N, HEAD_DIM, dims, dim_ok, stride_qn, stride_don, stride_dqn,
-                            stride_bias_m, stride_dbias_m, scale, qk_scale, after_first_key, before_last_key, last_key, after_first_batch,
-                            HAS_BIAS, NEED_DBIAS, BLOCK_QUERIES, BLOCK_D, DOT_PRECISION,
-                        )  # fmt: skip
-                    ok = col_ok[None, :] & dim_ok[:, None]
-                    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + cols[None, :] * stride_dkn + dims[:, None]
-                    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + cols[None, :] * stride_dvn + dims[:, None]
-                    tl.store(dk_ptrs, (dk_t * scale).to(DK.dtype.element_ty), mask=ok)
-                    tl.store(dv_ptrs, dv_t.to(DV.dtype.element_ty), mask=ok)
-                    tl.debug_barrier()
-            tl.debug_barrier()  # the next batch overwrites the dq and delta scratch
+            # dq in its own dtype and layout, from the scratch; the next batch overwrites it.
+            dq_head = DQ + off_b * stride_dqb + off_h * stride_dqh
+            for start_m in range(0, N, BLOCK_QUERIES):
+                rows = start_m + tl.arange(0, BLOCK_QUERIES)
+                ok = (rows < N)[:, None] & dim_ok[None, :]
+                dq = tl.load(dq_acc + rows[:, None] * BLOCK_D + dims[None, :], mask=ok)
+                dq_ptrs = dq_head + rows[:, None] * stride_dqn + dims[None, :]
+                tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=ok)
+            tl.debug_barrier()
 
 
 # --------------------------------------------------------------------------------------------
 # Tile tables: a few candidates per kernel, precision ("16": bf16/fp16, "32": fp32) and
 # BLOCK_D, each compiled ahead of time for sm_80 and sm_90 in tests/test_attention.py, which
-# asserts wgmma on sm_90 for the 16-bit ones and no register spills anywhere.
+# asserts wgmma on sm_90 for the 16-bit ones, no register spills anywhere, and prints registers.
 #   forward:  (BLOCK_M, BLOCK_N, TAIL, num_warps, num_stages)
-#   backward: (BLOCK_KEYS, BLOCK_QUERIES, TAIL, num_warps, num_stages)
-# 64-row forward tiles with 4 warps leave room for two or more programs per SM at Dh = 64;
-# three stages prefetch the next key tile while the softmax of this one runs. Head dims below
-# 64 take no split tails in the 16-bit backward (TAIL 0): Dh would be the M side of a product.
+#   backward: (BLOCK_KEYS, BLOCK_QUERIES, num_warps, num_stages)
+# A 64-row tile takes one warpgroup (4 warps): with 8 warps Triton computes it twice over.
+# 64-row forward tiles with 4 warps leave room for two programs per SM at Dh = 64; three
+# stages prefetch the next key tile while the softmax of this one runs.
 # fp32 products run on CUDA cores (exact), so fp32 tiles are smaller and never reach wgmma.
 # --------------------------------------------------------------------------------------------
 FORWARD_TILES = {
     ("16", 32): [(64, 64, 16, 4, 3), (128, 64, 16, 8, 3)],
     ("16", 64): [(64, 64, 16, 4, 3), (128, 64, 16, 8, 3)],
-    ("16", 128): [(64, 64, 16, 4, 3), (64, 64, 16, 8, 2)],
+    ("16", 128): [(64, 64, 16, 4, 3), (128, 64, 16, 8, 2)],
     ("32", 32): [(32, 32, 16, 4, 2)],
     ("32", 64): [(32, 32, 16, 4, 2)],
     ("32", 128): [(32, 32, 16, 8, 2)],
 }
 BACKWARD_TILES = {
-    ("16", 32): [(64, 64, 0, 4, 2), (64, 64, 0, 8, 2)],
-    ("16", 64): [(64, 64, 16, 8, 2), (64, 64, 16, 4, 2)],
-    ("16", 128): [(64, 64, 16, 8, 2)],
-    ("32", 32): [(32, 32, 16, 4, 1)],
-    ("32", 64): [(32, 32, 16, 8, 1)],
-    ("32", 128): [(32, 32, 16, 8, 1)],
+    ("16", 32): [(64, 64, 4, 1)],
+    ("16", 64): [(64, 16, 4, 1)],
+    ("16", 128): [(64, 16, 4, 1)],
+    ("32", 32): [(32, 16, 4, 1)],
+    ("32", 64): [(32, 16, 4, 1)],
+    ("32", 128): [(32, 16, 8, 1)],
 }
 # The CPU interpreter: small tiles (autotuning would only cost time) so that short sequences
-# still cross several blocks, ragged ends and split tails.
-INTERPRETER_TILES = {"fwd": (16, 16, 8), "bwd": (16, 16, 8)}
+# still cross several blocks and ragged ends; key tails and the two forms of the dq product
+# where the first shipped candidate has them.
+INTERPRETER_TILES = {"fwd": (16, 16, 8), "bwd": (16, 16)}
 # Backward programs per SM (a persistent grid) and the most memory the per-group fp32 slices of
 # the bias gradient may take before the batch is cut into fewer, longer groups.
 PROGRAMS_PER_SM = 2
@@ -435,9 +373,8 @@ def _fwd_config(tile) -> triton.Config:
 
 
 def _bwd_config(tile) -> triton.Config:
-    keys, queries, tail, warps, stages = tile
-    meta = {"BLOCK_KEYS": keys, "BLOCK_QUERIES": queries, "TAIL": tail}
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+    keys, queries, warps, stages = tile
+    return triton.Config({"BLOCK_KEYS": keys, "BLOCK_QUERIES": queries}, num_warps=warps, num_stages=stages)
 
 
 def _tile_key(constexprs: dict) -> tuple[str, int]:
@@ -465,9 +402,13 @@ def _launch(autotuned, kernel, name, tiles, grid, args, constexprs, autotune):
     small tiles, with split tails exactly where the first candidate has them."""
     first = tiles[_tile_key(constexprs)][0]
     if _dispatch.triton_interpret():
-        big, small, tail = INTERPRETER_TILES[name]
-        names = ("BLOCK_M", "BLOCK_N") if name == "fwd" else ("BLOCK_KEYS", "BLOCK_QUERIES")
-        meta = {names[0]: big, names[1]: small, "TAIL": tail if first[2] else 0, **constexprs}
+        if name == "fwd":
+            block_m, block_n, tail = INTERPRETER_TILES[name]
+            meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "TAIL": tail if first[2] else 0}
+        else:
+            keys, queries = INTERPRETER_TILES[name]
+            meta = {"BLOCK_KEYS": keys, "BLOCK_QUERIES": first[1] if first[1] >= 64 else queries}
+        meta.update(constexprs)
         kernel[grid(meta)](*args, **meta)
     elif autotune:
         autotuned[grid](*args, **constexprs)
