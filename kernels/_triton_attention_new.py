@@ -11,26 +11,24 @@ Backward: one kernel, a program per (head, batch group) that owns whole sequence
 batch of its group it computes ``delta = rowsum(dO * O)``, then visits every (key tile, query
 tile) pair once with five matrix products, S = K Q^T, dP = V dO^T, dV += P^T dO, dK += dS^T Q
 and dQ += dS K. dK and dV stay in registers over the query loop; dQ is added into a per-program
-fp32 scratch of ``[N, Dh]`` (a few tens of KiB, so it stays in L2) and the key tile that
-contributes last writes it out in the output dtype. The bias gradient of the program's group,
+fp32 scratch of ``[N, Dh]`` (a few tens of KiB, so it stays in L2), which a last pass over the
+queries writes out in the output dtype. The bias gradient of the program's group,
 ``sum over its batches of dS``, is added the same way into the group's own ``[H, N, N]`` fp32
 slice; the slices are summed in a fixed order afterwards. No atomics anywhere: every gradient is
 bit-identical from run to run. The outputs are written through their strides, so dq, dk and dv
 may be views of one packed buffer.
 
-Tiles and padding. Hopper's wgmma needs the row (M) side of every product to be a multiple of 64;
-the other two sides need only 16 (bf16/fp16). So the 64-row side of a tile is always the one
-whose length is a full multiple of 64, and the remainder of a sequence is cut into 16-wide
-tiles on the other side ("split tails"):
+Tiles and padding. Hopper's wgmma needs the M side of every product to be a multiple of 64; the
+other sides need only 16 (bf16/fp16). Work done over the real ``N^2`` work:
 
-- backward: full 64-key blocks meet full 64-query blocks, then 16-query tail tiles (keys stay
-  the M side); the last ``N mod 64`` keys form 16-key tiles that meet 64-query blocks (queries
-  are then the M side; dK and dV are accumulated transposed, ``[Dh, 16]``, M = Dh). Work done
-  over the real ``N^2`` work: N = 197: (192 x 208 + 256 x 16) / 197^2 = 1.14 (whole 64 x 64
-  tiles: 256^2 / 197^2 = 1.69); N = 1025: (1024 x 1040 + 1088 x 16) / 1025^2 = 1.03 (1.13).
-- forward: 64-query blocks meet full 64-key blocks, then 16-key tail tiles: N = 197:
-  256 x 208 / 197^2 = 1.37 (1.69); N = 1025: 1088 x 1040 / 1025^2 = 1.08 (1.13).
-- head dims below 64 (BLOCK_D = 32) cannot be the M side, so they run whole 64 x 64 tiles.
+- forward: 64-query blocks (M) meet full 64-key blocks, then 16-key tail tiles ("split tail"):
+  N = 197: 256 x 208 / 197^2 = 1.37 (whole 64 x 64 tiles: 256^2 / 197^2 = 1.69);
+  N = 1025: 1088 x 1040 / 1025^2 = 1.08 (1.13).
+- backward: 64-key blocks (M of S^T, dP^T, dV, dK; 32 on sm_80 at Dh = 128) meet 16-query tiles (dq^T = K^T dS^T, Dh the
+  M side): N = 197: 256 x 208 / 197^2 = 1.37; N = 1025: 1088 x 1040 / 1025^2 = 1.08. Head dims
+  of 32 cannot be an M side, so they take 64-query tiles (dq = dS K): 1.69 and 1.13.
+  Splitting the last key block too (16-key tiles with the queries as M: 1.14 at N = 197) was
+  tried and dropped: the extra loop regions made ptxas spill on sm_90.
 """
 
 from __future__ import annotations
@@ -327,7 +325,8 @@ def _bwd_kernel(
 # asserts wgmma on sm_90 for the 16-bit ones, no register spills anywhere, and prints registers.
 #   forward:  (BLOCK_M, BLOCK_N, TAIL, num_warps, num_stages)
 #   backward: (BLOCK_KEYS, BLOCK_QUERIES, num_warps, num_stages)
-# A 64-row tile takes one warpgroup (4 warps): with 8 warps Triton computes it twice over.
+# 64-key backward tiles take one warpgroup (4 warps) on sm_90: with 8 warps, Triton 3.8 lays
+# the [64, 16] score tiles out over warpsPerCTA [8, 1], which holds them twice (seen in TTGIR).
 # 64-row forward tiles with 4 warps leave room for two programs per SM at Dh = 64; three
 # stages prefetch the next key tile while the softmax of this one runs.
 # fp32 products run on CUDA cores (exact), so fp32 tiles are smaller and never reach wgmma.
@@ -341,12 +340,18 @@ FORWARD_TILES = {
     ("32", 128): [(32, 32, 16, 8, 2)],
 }
 BACKWARD_TILES = {
+    ("16", 32): [(64, 64, 8, 1)],
+    ("16", 64): [(64, 16, 8, 1)],
+    ("16", 128): [(32, 16, 8, 1)],
+    ("32", 32): [(16, 16, 4, 1)],
+    ("32", 64): [(16, 16, 4, 1)],
+    ("32", 128): [(16, 16, 8, 1)],
+}
+# sm_90: one warpgroup per 64 keys (see above); 8 warps on sm_80 split the 64 x Dh accumulators.
+HOPPER_BACKWARD_TILES = {
     ("16", 32): [(64, 64, 4, 1)],
     ("16", 64): [(64, 16, 4, 1)],
-    ("16", 128): [(64, 16, 4, 1)],
-    ("32", 32): [(32, 16, 4, 1)],
-    ("32", 64): [(32, 16, 4, 1)],
-    ("32", 128): [(32, 16, 8, 1)],
+    ("16", 128): [(64, 16, 8, 1)],
 }
 # The CPU interpreter: small tiles (autotuning would only cost time) so that short sequences
 # still cross several blocks and ragged ends; key tails and the two forms of the dq product
@@ -381,27 +386,41 @@ def _tile_key(constexprs: dict) -> tuple[str, int]:
     return ("32" if constexprs["DOT_PRECISION"] == "ieee" else "16", constexprs["BLOCK_D"])
 
 
-def _autotuned(kernel, tiles: dict, make_config):
-    """``kernel`` autotuned over the candidates of the call's (precision, BLOCK_D)."""
-    every = list(dict.fromkeys(make_config(tile) for candidates in tiles.values() for tile in candidates))
+def shipped_tiles(kernel: str, arch: int) -> dict:
+    """The candidates of ``kernel`` ("fwd" or "bwd") per (precision, BLOCK_D) on ``sm_<arch>``."""
+    if kernel == "fwd":
+        return FORWARD_TILES
+    return {**BACKWARD_TILES, **HOPPER_BACKWARD_TILES} if arch // 10 == 9 else BACKWARD_TILES
+
+
+def _device_arch() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def _autotuned(kernel, name: str, make_config):
+    """``kernel`` autotuned over the candidates of the call's (precision, BLOCK_D) and GPU."""
+    every = [make_config(tile) for arch in (80, 90) for tiles in shipped_tiles(name, arch).values() for tile in tiles]
+    every = list(dict.fromkeys(every))  # the autotuner prunes only when it has several
 
     def prune(configs, named_args, **kwargs):
-        return [make_config(tile) for tile in tiles[_tile_key(kwargs)]]
+        return [make_config(tile) for tile in shipped_tiles(name, _device_arch())[_tile_key(kwargs)]]
 
     return triton.autotune(
         configs=every, key=["N", "HEAD_DIM", "HAS_BIAS"], prune_configs_by={"early_config_prune": prune}
     )(kernel)
 
 
-_fwd_autotuned = _autotuned(_fwd_kernel, FORWARD_TILES, _fwd_config)
-_bwd_autotuned = _autotuned(_bwd_kernel, BACKWARD_TILES, _bwd_config)
+_fwd_autotuned = _autotuned(_fwd_kernel, "fwd", _fwd_config)
+_bwd_autotuned = _autotuned(_bwd_kernel, "bwd", _bwd_config)
 
 
-def _launch(autotuned, kernel, name, tiles, grid, args, constexprs, autotune):
+def _launch(autotuned, kernel, name, grid, args, constexprs, autotune):
     """The autotuned kernel; the first candidate without ``autotune``; under the interpreter its
     small tiles, with split tails exactly where the first candidate has them."""
-    first = tiles[_tile_key(constexprs)][0]
-    if _dispatch.triton_interpret():
+    interpret = _dispatch.triton_interpret()
+    first = shipped_tiles(name, 90 if interpret else _device_arch())[_tile_key(constexprs)][0]
+    if interpret:
         if name == "fwd":
             block_m, block_n, tail = INTERPRETER_TILES[name]
             meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "TAIL": tail if first[2] else 0}
@@ -468,7 +487,7 @@ def forward(q, k, v, bias, scale, out, *, autotune=True):
         h, n, scale * math.log2(math.e),
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * b * h,)  # noqa: E731
-    _launch(_fwd_autotuned, _fwd_kernel, "fwd", FORWARD_TILES, grid, args, _constexprs(q, bias), autotune)
+    _launch(_fwd_autotuned, _fwd_kernel, "fwd", grid, args, _constexprs(q, bias), autotune)
     return lse
 
 
@@ -518,7 +537,7 @@ def backward(grad_out, q, k, v, bias, out, lse, scale, need_dbias, dq, dk, dv, *
         b, h, n, scale, scale * math.log2(math.e), per_group, h * groups,
     )  # fmt: skip
     grid = lambda meta: (programs,)  # noqa: E731
-    _launch(_bwd_autotuned, _bwd_kernel, "bwd", BACKWARD_TILES, grid, args, constexprs, autotune)
+    _launch(_bwd_autotuned, _bwd_kernel, "bwd", grid, args, constexprs, autotune)
     if not need_dbias:
         return None
     dbias = dbias_slices[0] if groups == 1 else dbias_slices.sum(0)  # a fixed order: deterministic
