@@ -454,7 +454,7 @@ def _aot_spec(kernel: str, precision: str, block_d: int, tile: tuple, arch: int)
             continue
         if name in ("scale", "qk_scale"):
             signature[name] = "fp32"
-        elif name.isupper():
+        elif name.isupper() and name not in ("B", "H", "N"):  # the tensors
             signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{dtype}"
         else:
             signature[name] = "i32"
