@@ -119,6 +119,7 @@ class KernelResources:
         return (
             f"{s.kernel} sm_{s.arch} {s.constexprs} warps={s.num_warps} stages={s.num_stages}: "
             f"{self.registers} registers, {self.shared_bytes} B shared, {self.spill_bytes} B spilled, "
+            f"{self.stack_bytes} B stack, "
             f"{self.wgmma_count} wgmma"
         )
 
