@@ -10,3 +10,7 @@ if not getattr(_kernels, "__beitv2_kernels__", False):
     )
 
 __version__ = "0.1.0"
+
+from . import _timm  # noqa: E402  (after the kernels check)
+
+_timm.register_when_timm_loads()  # our names in timm.create_model, whichever of the two is imported first

@@ -62,6 +62,9 @@ def tokenize(argv: list[str]) -> int:
     parser.add_argument("--codebook-size", type=int, default=8192)
     parser.add_argument("--codebook-dim", type=int, default=32)
     parser.add_argument("--output-dir", default="tokens")
+    parser.add_argument(
+        "--torchcompile", action="store_true", help="compile the tokenizer's lookup (pays off for many images)"
+    )
     args = parser.parse_args(argv)
 
     import json
@@ -82,6 +85,8 @@ def tokenize(argv: list[str]) -> int:
         args.tokenizer_model, args.tokenizer_weight, img_size=args.input_size, codebook_size=args.codebook_size,
         codebook_dim=args.codebook_dim, **extra,
     )  # fmt: skip
+    if args.torchcompile:
+        tokenizer.compile(fullgraph=True)
     transform = EvalTransform(args.input_size, mean=None, std=None)
     images = torch.stack([transform(decode_image(path)) for path in args.images])
     with torch.no_grad():

@@ -1,10 +1,10 @@
 """Training-step benchmark: BEiT v2 pretraining and VQ-KD tokenizer training, ours against the
 official implementation (microsoft/unilm ``beit2/``) and timm, measured side by side in one run.
 
-    python bench/train_step.py                                  # CPU default: ViT-B/16, 224 px, batch 4
-    python bench/train_step.py --unilm-dir ../unilm             # add the official implementation
-    python bench/train_step.py --batch 128 256 --time-budget 300   # on a GPU
-    python bench/train_step.py --model tiny --img-size 64 --batch 2 --steps 2   # a quick check
+    python -m bench.train_step                                  # CPU default: ViT-B/16, 224 px, batch 4
+    python -m bench.train_step --unilm-dir ../unilm             # add the official implementation
+    python -m bench.train_step --batch 128 256 --time-budget 300   # on a GPU
+    python -m bench.train_step --model tiny --img-size 64 --batch 2 --steps 2   # a quick check
 
 Steps (``--task``):
 
@@ -24,8 +24,12 @@ Steps (``--task``):
 
 Providers (``--providers``):
 
-- ``ours``: beitv2-fast's training loop (``beitv2_fast.train.loop.train``) with the fused kernels
-  and ``torch.compile`` of every block and of the tokenizer, fused AdamW.
+- ``ours``: beitv2-fast's training loop (``beitv2_fast.train.loop.train``) with the fused kernels,
+  ``torch.compile`` of the whole student forward and loss and of the tokenizer's
+  ``get_codebook_indices`` (in bf16 under the bf16 policy), fused AdamW that skips non-finite steps
+  on the device. A row labelled compiled whose process compiled no frame (dynamo's counters) is
+  refused; graph breaks are noted.
+- ``ours-bf16`` is left out on a CPU without native bf16 (AVX512-BF16, AMX), where it is emulated.
 - ``ours-torch``: the same loop with ``kernels.set_backend("torch")`` and no compilation: the
   reference's arithmetic on our code.
 - ``ours-bf16`` (on the CPU, where the policy is fp32): ``ours`` under bf16 autocast.
@@ -34,6 +38,8 @@ Providers (``--providers``):
   ``engine_for_pretraining.train_one_epoch`` / ``engine_for_vqkd.train_one_epoch`` as they are,
   with its per-step ``.item()`` calls, metric logger and ``torch.cuda.synchronize()``. Its CLIP
   teacher gets random weights (no download). Without DDP, as ours.
+- ``ours-graphs`` (pretraining on CUDA): ``ours`` with ``--cuda-graphs`` (the compiled graphs
+  recorded after their warm-up runs and replayed).
 - ``timm``: timm's ``beitv2_base_patch16_224`` (the backbone with its classifier, cross-entropy on
   random labels, fused AdamW): the speed of the bare backbone, for the pretraining step only.
 
@@ -47,6 +53,10 @@ and takes its batches from this process one step at a time. On the CPU the steps
 over all providers, so a busy machine slows every provider alike; on CUDA the providers run one
 after the other, and each row is written as soon as it is measured. A step is the time between
 two batch requests of the provider's own training loop (CUDA synchronised at each request).
+With ``--profile DIR`` each provider runs one more step under ``torch.profiler`` and prints its
+device time by kernel category and its 15 longest kernels (``bench/step_profile.py``), and, for
+ours, the phase times from CUDA events (tokenizer, student forward + loss, backward, clip +
+optimizer). A run stopped by SIGINT (``timeout --signal=INT``) prints and writes the rows it measured.
 Times are the median, 20th/80th percentiles and minimum of the measured steps after ``--warmup``
 steps (compilation, autotuning, k-means initialisation); images/s and MFU come from the median.
 On a machine shared with other work the minimum is the best guide to the unloaded speed, and
@@ -78,11 +88,10 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's `kernels` first
-import _common  # noqa: E402
+from . import _common
 
 TASKS = ("pretrain", "tokenize", "tokenizer", "segment")
-PROVIDERS = ("ours", "ours-torch", "ours-bf16", "official", "timm", "ours-sdpa")
+PROVIDERS = ("ours", "ours-torch", "ours-bf16", "official", "timm", "ours-sdpa", "ours-graphs")
 NUM_CLASSES = 1000  # the timm backbone's classifier
 # Optimizer settings of the official recipes (PRETRAINING.md / TOKENIZER.md; beitv2_fast RECIPES).
 RECIPE = {
@@ -135,8 +144,10 @@ class WorkerError(RuntimeError):
 class StepFeed:
     """Hands out the same batch once per ``step`` command from the parent and reports how long
     the loop took until it asked for the next one. Between steps it answers the parent's other
-    commands: ``memory`` (start a memory measurement), ``stats`` (its result), ``profile``
-    (profile the next step) and ``stop`` (end the loop)."""
+    commands: ``memory`` (start a memory measurement), ``stats`` (its result), ``compiled``
+    (dynamo's frames compiled and graph breaks so far), ``phases`` (time the phases of the next
+    step), ``profile`` (profile the next step), ``profiled`` (the summary of both) and ``stop``
+    (end the loop)."""
 
     def __init__(self, conn, device: torch.device, batch, info: dict, setup: Setup, provider: Provider):
         self.conn, self.device, self.batch, self.info = conn, device, batch, info
@@ -145,6 +156,9 @@ class StepFeed:
         self.cpu_started = 0.0
         self.baseline = 0
         self.profiler = None
+        self.phase_timer = None
+        self.phases: dict[str, float] = {}
+        self.profile_summary = ""
 
     def __len__(self) -> int:  # the official engines' metric logger asks
         return 10**9
@@ -156,6 +170,10 @@ class StepFeed:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now, cpu_now = time.perf_counter(), time.process_time()
+        if self.phase_timer is not None:
+            self.phase_timer.__exit__(None, None, None)
+            self.phases = self.phase_timer.milliseconds()
+            self.phase_timer = None
         if self.profiler is not None:
             self._finish_profile()
         if self.started is None:
@@ -173,10 +191,21 @@ class StepFeed:
                 self.conn.send(("ok", None))
             elif command == "stats":
                 self.conn.send(("stats", self._peak_mib()))
+            elif command == "compiled":
+                from beitv2_fast.train.step import compiled_frames
+
+                self.conn.send(("compiled", compiled_frames()))
+            elif command == "phases":
+                from beitv2_fast.train.step import PhaseTimer
+
+                self.phase_timer = PhaseTimer(self.device).__enter__()
+                self.conn.send(("ok", None))
             elif command == "profile":
                 self.profiler = torch.profiler.profile(record_shapes=False)
                 self.profiler.__enter__()
                 self.conn.send(("ok", None))
+            elif command == "profiled":
+                self.conn.send(("profiled", self.profile_summary))
         self.started, self.cpu_started = time.perf_counter(), time.process_time()
         return self.batch
 
@@ -203,13 +232,18 @@ class StepFeed:
         return (peak - self.baseline) / 2**20
 
     def _finish_profile(self) -> None:
+        from . import step_profile
+
         self.profiler.__exit__(None, None, None)
-        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        cuda = self.device.type == "cuda"
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         table = self.profiler.key_averages().table(sort_by=sort, row_limit=30)
+        kernels = step_profile.profiled_kernels(self.profiler, cuda)
+        self.profile_summary = step_profile.summary_markdown(kernels, 1, self.phases, cuda)
         os.makedirs(self.setup.profile_dir, exist_ok=True)
         name = f"{self.setup.task}-{self.setup.model}-b{self.setup.batch}-{self.provider.key}.txt"
         with open(os.path.join(self.setup.profile_dir, name), "w") as f:
-            f.write(f"{self.provider.label}, {self.setup}\n{table}\n")
+            f.write(f"{self.provider.label}, {self.setup}\n{table}\n\n{self.profile_summary}")
         self.profiler = None
 
 
@@ -288,24 +322,23 @@ def build_ours(setup: Setup, provider: Provider, device: torch.device):
     inputs = make_inputs(setup, device)
     if setup.task == "tokenize":
         info = {"flops_per_image": flops_per_image(setup, models)}
-        batch, run = tokenize_loop(models["tokenizer"], provider, device, inputs, compile=provider.key != "ours-torch")
+        batch, run = tokenize_loop(models["tokenizer"], provider, device, inputs, ours=True)
         return batch, info, run
     output_dir = tempfile.mkdtemp(prefix="beitv2-bench-")
     config = TrainConfig(
         task=setup.task, amp_dtype="bfloat16" if provider.precision == "bf16" else "float32",
-        torchcompile=provider.key != "ours-torch", parallel="none", output_dir=output_dir, resume="none",
+        torchcompile=provider.key != "ours-torch", cuda_graphs=provider.key == "ours-graphs", parallel="none",
+        output_dir=output_dir, resume="none",
         epochs=1, warmup_epochs=0, checkpoint_interval=10**9, batch_size=setup.batch, **RECIPE[setup.task],
     )  # fmt: skip
     if setup.task == "pretrain":
+        from beitv2_fast.train.pretrain import pretrain_loss
+
         student, tokenizer = models["student"], models["tokenizer"]
         batch = (inputs["images"], inputs["unit_images"], inputs["mask_index"])
 
-        def loss(model, batch):  # beitv2_fast/train/pretrain.py
-            images, tokenizer_images, mask_index = batch
-            with torch.no_grad():
-                target_ids = tokenizer.get_codebook_indices(tokenizer_images)
-            out = model(images, mask_index, target_ids)
-            return out["loss"], {k: v for k, v in out.items() if k != "loss"}
+        def loss(model, batch):
+            return pretrain_loss(model, tokenizer, batch)
 
         trained, frozen = student, [tokenizer]
     else:
@@ -404,13 +437,15 @@ def build_ours_segment(setup: Setup, provider: Provider, device: torch.device):
     return batch, info, run
 
 
-def tokenize_loop(tokenizer, provider: Provider, device: torch.device, inputs, *, compile: bool = False):
+def tokenize_loop(tokenizer, provider: Provider, device: torch.device, inputs, *, ours: bool = False):
     """The tokenizer's forward as the pretraining steps run it: no grad, under the autocast policy
-    (ours as ``loop.train`` runs a frozen module, compiled; the official under its engine's
+    (ours as ``loop.train`` runs a frozen module: in bf16 under bf16 autocast, its entry point
+    ``get_codebook_indices`` compiled unless ``ours-torch``; the official under its engine's
     ``torch.cuda.amp.autocast()``)."""
-    tokenizer = tokenizer.to(device)
-    if compile:
-        tokenizer.compile()
+    bf16 = ours and provider.precision == "bf16"
+    tokenizer = tokenizer.to(device, dtype=torch.bfloat16 if bf16 else None)
+    if ours and provider.key != "ours-torch":
+        tokenizer.compile(fullgraph=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=provider.precision == "bf16")
     if provider.key == "official":
         autocast = torch.cuda.amp.autocast()  # pointed at the policy's dtype by unilm.patch_cuda_calls
@@ -446,7 +481,7 @@ class _Constant:
 
 
 def build_official(setup: Setup, provider: Provider, device: torch.device):
-    from reference import unilm
+    from .reference import unilm
 
     beit2 = unilm.import_beit2(setup.unilm_dir)
     unilm.patch_cuda_calls(autocast_dtype(provider.precision) if device.type == "cuda" else None)
@@ -513,7 +548,7 @@ def build_official(setup: Setup, provider: Provider, device: torch.device):
 def official_student(beit2, ours: torch.nn.Module, setup: Setup) -> torch.nn.Module:
     """The reference's student as ``run_beitv2_pretraining.py``'s ``get_model`` builds it; sizes
     the reference does not register (tiny, small) through its class with the same arguments."""
-    from reference import unilm
+    from .reference import unilm
 
     kwargs = dict(
         pretrained=False, drop_path_rate=0.0, drop_block_rate=None, use_shared_rel_pos_bias=True,
@@ -570,6 +605,7 @@ BUILDERS: dict[str, Callable] = {
     "official": build_official,
     "timm": build_timm,
     "ours-sdpa": build_ours,
+    "ours-graphs": build_ours,
 }
 
 
@@ -580,7 +616,6 @@ def _worker(setup: Setup, provider: Provider, conn, log_path: str) -> None:
     os.dup2(log.fileno(), 2)
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", UserWarning)
-    sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # bench/reference, after the repo's `kernels`
     try:
         device = torch.device(setup.device)
         feed = StepFeed(conn, device, None, {}, setup, provider)
@@ -615,6 +650,8 @@ class Worker:
         self.info: dict = {}
         self.peak_mib: float | None = None
         self.error = ""
+        self.note = ""  # said in the row, not a failure (graph breaks)
+        self.profile = ""  # the profiled step's Markdown summary
 
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")
@@ -682,47 +719,16 @@ def measure(setup: Setup, providers: list[Provider], options: argparse.Namespace
         groups = [[p] for p in sorted(providers, key=lambda p: p.key not in BASELINES)]
     done: list[Worker] = []
     for group in groups:
-        workers = []
-        for provider in group:  # start and warm up one at a time: compilation needs the whole machine
-            worker = Worker(setup, provider, log_dir)
-            workers.append(worker)
-            if deadline - time.time() < MIN_PROVIDER_SECONDS:
-                worker.error = "time budget: not started"
-                continue
-            try:
-                worker.start()
-                worker.info = worker.expect("ready", deadline - time.time())
-                for _ in range(options.warmup):
-                    worker.command("step", "step", deadline - time.time())
-                print(f"  {provider.label}: ready", file=sys.stderr)
-            except (WorkerError, TimeoutError) as error:
-                _fail(worker, error)
-        for round_index in range(options.steps):
-            alive = [w for w in workers if not w.error]
-            shift = round_index % max(len(alive), 1)
-            for worker in alive[shift:] + alive[:shift]:  # rotate the order: no provider always runs first
-                typical = max(worker.times, default=0.0)
-                if time.time() + 2 * typical > deadline:
-                    worker.error = worker.error or f"time budget: {len(worker.times)} of {options.steps} steps"
-                    continue
-                try:
-                    seconds, cpu_seconds = worker.command("step", "step", deadline - time.time())
-                    worker.times.append(seconds)
-                    worker.cpu_times.append(cpu_seconds)
-                except (WorkerError, TimeoutError) as error:
-                    _fail(worker, error)
-        for worker in workers:
-            if worker.alive and worker.times and time.time() + max(worker.times) < deadline:
-                try:
-                    worker.command("memory", "ok", 60)
-                    worker.command("step", "step", deadline - time.time())
-                    worker.peak_mib = worker.command("stats", "stats", 60)
-                    if options.profile:
-                        worker.command("profile", "ok", 60)
-                        worker.command("step", "step", deadline - time.time())
-                except (WorkerError, TimeoutError) as error:
-                    _fail(worker, error)
-            worker.stop()
+        workers: list[Worker] = []
+        try:
+            measure_group(setup, group, workers, options, deadline, log_dir)
+        except KeyboardInterrupt:  # `timeout --signal=INT`: write the rows measured so far, then stop
+            for worker in workers:
+                worker.error = worker.error or f"interrupted after {len(worker.times)} steps"
+                worker.stop()
+            report(setup, done + workers, options, new=len(workers), final=True)
+            print(f"  interrupted; the providers' logs are in {log_dir}", file=sys.stderr)
+            raise
         done += workers
         report(setup, done, options, new=len(workers), final=len(done) == len(providers))
     if any(w.error for w in done):
@@ -730,6 +736,85 @@ def measure(setup: Setup, providers: list[Provider], options: argparse.Namespace
     else:
         shutil.rmtree(log_dir, ignore_errors=True)
     return done
+
+
+def measure_group(
+    setup: Setup,
+    group: list[Provider],
+    workers: list[Worker],
+    options: argparse.Namespace,
+    deadline: float,
+    log_dir: str,
+) -> None:
+    """Start, warm up and time the providers of ``group``, appending their workers to ``workers``
+    as they start (so that an interrupted run can still report them)."""
+    for provider in group:  # start and warm up one at a time: compilation needs the whole machine
+        worker = Worker(setup, provider, log_dir)
+        workers.append(worker)
+        if deadline - time.time() < MIN_PROVIDER_SECONDS:
+            worker.error = "time budget: not started"
+            continue
+        try:
+            worker.start()
+            worker.info = worker.expect("ready", deadline - time.time())
+            for _ in range(options.warmup):
+                worker.command("step", "step", deadline - time.time())
+            print(f"  {provider.label}: ready", file=sys.stderr)
+        except (WorkerError, TimeoutError) as error:
+            _fail(worker, error)
+    for round_index in range(options.steps):
+        alive = [w for w in workers if not w.error]
+        shift = round_index % max(len(alive), 1)
+        for worker in alive[shift:] + alive[:shift]:  # rotate the order: no provider always runs first
+            typical = max(worker.times, default=0.0)
+            if time.time() + 2 * typical > deadline:
+                worker.error = worker.error or f"time budget: {len(worker.times)} of {options.steps} steps"
+                continue
+            try:
+                seconds, cpu_seconds = worker.command("step", "step", deadline - time.time())
+                worker.times.append(seconds)
+                worker.cpu_times.append(cpu_seconds)
+            except (WorkerError, TimeoutError) as error:
+                _fail(worker, error)
+    for worker in workers:
+        if worker.alive and worker.times:
+            check_compiled(worker)
+        if worker.alive and worker.times and time.time() + max(worker.times) < deadline:
+            try:
+                worker.command("memory", "ok", 60)
+                worker.command("step", "step", deadline - time.time())
+                worker.peak_mib = worker.command("stats", "stats", 60)
+                if options.profile:  # phases on a step of their own, free of the profiler's overhead
+                    worker.command("phases", "ok", 60)
+                    worker.command("step", "step", deadline - time.time())
+                    worker.command("profile", "ok", 60)
+                    worker.command("step", "step", deadline - time.time())
+                    worker.profile = worker.command("profiled", "profiled", 60)
+            except (WorkerError, TimeoutError) as error:
+                _fail(worker, error)
+        worker.stop()
+
+
+def compilation_verdict(label: str, frames: int, graph_breaks: int) -> tuple[str, str]:
+    """``(error, note)`` for a provider whose process compiled ``frames`` frames with
+    ``graph_breaks`` breaks: a row labelled compiled that compiled nothing is refused."""
+    if "compiled" in label and frames == 0:
+        return "refused: labelled compiled, but dynamo compiled no frame", ""
+    return "", f"{graph_breaks} graph breaks" if graph_breaks else ""
+
+
+def check_compiled(worker: Worker) -> None:
+    """Ask the provider what dynamo compiled; a false "compiled" label drops its times."""
+    try:
+        frames, graph_breaks = worker.command("compiled", "compiled", 60)
+    except (WorkerError, TimeoutError) as error:
+        _fail(worker, error)
+        return
+    error, worker.note = compilation_verdict(worker.provider.label, frames, graph_breaks)
+    if error:
+        worker.times.clear()
+        worker.cpu_times.clear()
+        _fail(worker, WorkerError(error))
 
 
 def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) -> list[dict]:
@@ -762,7 +847,7 @@ def rows_of(setup: Setup, workers: list[Worker], options: argparse.Namespace) ->
                 mfu_pct=round(100 * flops * images_per_s / peak, 1) if peak and flops else "",
                 peak_mem_MiB=round(worker.peak_mib) if worker.peak_mib is not None else "",
             )  # fmt: skip
-        row["note"] = worker.error
+        row["note"] = "; ".join(part for part in (worker.error, worker.note) if part)
         rows.append(row)
     labels = {PROVIDER_LABELS[key] for key in BASELINES}
     baseline = next((r for r in rows if r["provider"] in labels and "step_ms" in r), None)
@@ -797,11 +882,17 @@ def report(setup: Setup, workers: list[Worker], options: argparse.Namespace, *, 
         f"commit {head['commit']}, load {head['host_load']})"
     )
     print(f"\n{title}\n{_common.format_table(rows, COLUMNS)}\n(speedup and memory relative to {head['baseline']})")
+    profiles = {w.provider.label: w.profile for w in workers if w.profile}
+    for worker in workers[-new:]:
+        if worker.profile:
+            print(f"\nprofile of one step, {worker.provider.label}:\n{worker.profile}")
     if options.csv:
         _common.append_csv(rows[-new:], options.csv)
     if options.markdown and final:
         with open(options.markdown, "a") as f:
             f.write(f"\n**{title}**\n\n{_common.markdown_table(rows, COLUMNS)}\n")
+            for label, profile in profiles.items():
+                f.write(f"\n*profile of one step at batch {setup.batch}, {label}*\n\n{profile}")
 
 
 PROVIDER_LABELS = {
@@ -811,6 +902,7 @@ PROVIDER_LABELS = {
     "official": "official (microsoft/unilm beit2)",
     "timm": "timm beitv2_base_patch16_224 (backbone only)",
     "ours-sdpa": "same model, SDPA float-mask attention (compiled)",
+    "ours-graphs": "ours (fused kernels, compiled, CUDA graphs)",
 }
 BASELINES = ("official", "ours-sdpa")  # what the ratios are against: the reference, else the SDPA model
 
@@ -827,11 +919,24 @@ def providers_for(task: str, options: argparse.Namespace) -> list[Provider]:
             continue
         if key == "timm" and task != "pretrain":
             continue
-        if key == "ours-bf16" and options.precision == "bf16":
+        if key == "ours-graphs" and (task != "pretrain" or not options.device.startswith("cuda")):
+            continue  # CUDA graphs need a GPU (the run would stop at --cuda-graphs' check)
+        if key == "ours-bf16" and (options.precision == "bf16" or not options.native_bf16):
             continue
         precision = "bf16" if key == "ours-bf16" else options.precision
         chosen.append(Provider(key, labels[key], precision))
     return chosen
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast
+    is emulated, about 9x slower than fp32 (an AMD EPYC without AVX-512), and not worth timing."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -880,6 +985,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = (5 if cuda else 2) if args.warmup is None else args.warmup
     args.steps = (20 if cuda else 5) if args.steps is None else args.steps
     args.interleave = (not cuda) if args.interleave is None else args.interleave
+    args.native_bf16 = cuda or cpu_has_native_bf16()
     patches = (args.img_size // 16) ** 2
     args.num_mask_patches = args.num_mask_patches or max(1, round(75 * patches / 196))
     if args.img_size % 16:
@@ -889,8 +995,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if min(args.batch) < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be at least 1, --warmup at least 0")
     if args.unilm_dir:
-        sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-        from reference import unilm
+        from .reference import unilm
 
         try:
             unilm.find_beit2(args.unilm_dir)
@@ -905,6 +1010,13 @@ def main(argv: list[str] | None = None) -> int:
     tasks = options.task
     if not options.unilm_dir and "official" in options.providers:
         print("no --unilm-dir: the official implementation is left out", file=sys.stderr)
+    if not options.native_bf16:
+        print(
+            "this CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 would be emulated, many times slower than "
+            "fp32, so the ours-bf16 provider is left out"
+            + ("; --precision bf16 runs every provider so" if options.precision == "bf16" else ""),
+            file=sys.stderr,
+        )
     for task in tasks:
         for batch in options.seg_batch if task == "segment" else options.batch:
             setup = Setup(
@@ -914,11 +1026,18 @@ def main(argv: list[str] | None = None) -> int:
                 unilm_dir=options.unilm_dir, profile_dir=options.profile,
             )  # fmt: skip
             providers = providers_for(task, options)
+            if not providers:
+                print(f"{task}: none of the providers {' '.join(options.providers)} runs here", file=sys.stderr)
+                continue
             if time.time() >= deadline:
                 print(f"time budget spent: {task} at batch {batch} not measured", file=sys.stderr)
                 continue
             print(f"{task}, batch {batch}: {', '.join(p.label for p in providers)}", file=sys.stderr)
-            measure(setup, providers, options, deadline)
+            try:
+                measure(setup, providers, options, deadline)
+            except KeyboardInterrupt:
+                print("interrupted: the rows measured so far are above (and in the CSV)", file=sys.stderr)
+                return 130
     return 0
 
 

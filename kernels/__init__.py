@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import warnings
 
-from . import reference
+from . import attention, codebook, masked_ce, reference
 from ._dispatch import BACKENDS, get_backend, set_backend
 from .attention import relative_position_index, relpos_attention, relpos_bias
 from .codebook import codebook_ema_stats, codebook_lookup
@@ -27,8 +27,12 @@ from .patch import patch_timm_beit
 # Marks this package as beitv2-fast's, for the import guard in beitv2_fast/__init__.py.
 __beitv2_kernels__ = True
 
-# (op name, whether csrc/ has a C++ version): what `python -m kernels.env` reports on.
-OPS = [("codebook_lookup", True), ("masked_linear_cross_entropy", False), ("relpos_attention", True)]
+# Each op's table of implementations (backend -> kernels): what dispatch and `python -m kernels.env` read.
+OPS = {
+    "codebook_lookup": codebook.IMPLEMENTATIONS,
+    "masked_linear_cross_entropy": masked_ce.IMPLEMENTATIONS,
+    "relpos_attention": attention.IMPLEMENTATIONS,
+}
 
 __all__ = [
     "BACKENDS",

@@ -1,22 +1,29 @@
 """Backend selection for the ops in this package.
 
-Three implementations exist for every op on CUDA tensors: Triton kernels, the optional CUDA C++
-extension built from ``csrc/`` and the plain PyTorch path. ``auto`` picks the fastest one that
-is available; ``BEITV2_KERNELS`` sets the starting value and :func:`set_backend` changes it
-(also as a context manager). CPU tensors always take the PyTorch path, except that the Triton
-kernels run on them under ``TRITON_INTERPRET=1`` when the backend is ``triton`` (how CI tests
-the kernels without a GPU).
+Every op module declares one table, ``IMPLEMENTATIONS``: backend name -> :class:`Implementation`
+(its forward and backward callables and an availability test). The backends are the Triton
+kernels, the optional CUDA C++ extension built from ``csrc/`` and the plain PyTorch path; an op
+lists those it has. ``auto`` picks the first available one of :data:`PREFERENCE`;
+``BEITV2_KERNELS`` sets the starting value and :func:`set_backend` changes it (also as a context
+manager). CPU tensors always take the PyTorch path, except that the Triton kernels run on them
+under ``TRITON_INTERPRET=1`` when the backend is ``triton`` (how CI tests the kernels without a GPU).
+
+Adding a backend: its name in :data:`BACKENDS` and :data:`PREFERENCE` with a probe here, one
+entry in each op's table, and the ``backend`` fixture of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
+PREFERENCE = ("triton", "cuda", "torch")  # what "auto" picks on CUDA tensors: the first available
 ENV_VAR = "BEITV2_KERNELS"
 
 
@@ -97,6 +104,37 @@ if TRITON_AVAILABLE and triton_interpret():
 CUDA_EXTENSION_AVAILABLE, CUDA_EXTENSION_STATUS = _probe_cuda_extension()
 
 
+def triton_status() -> tuple[bool, str]:
+    """Availability test of the Triton backend."""
+    return TRITON_AVAILABLE, TRITON_STATUS
+
+
+def cuda_extension_status(op: str) -> Callable[[], tuple[bool, str]]:
+    """Availability test of the CUDA C++ backend of ``op`` (``torch.ops.beitv2_cuda.<op>``)."""
+
+    def status() -> tuple[bool, str]:
+        if not CUDA_EXTENSION_AVAILABLE:
+            return False, CUDA_EXTENSION_STATUS
+        if not hasattr(torch.ops.beitv2_cuda, op):
+            return False, f"kernels._C registers no beitv2_cuda::{op}; rebuild it from csrc/"
+        return True, CUDA_EXTENSION_STATUS
+
+    return status
+
+
+def _always() -> tuple[bool, str]:
+    return True, "plain PyTorch"
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One backend's kernels of an op: what the op's custom ops call, and whether they can run here."""
+
+    forward: Callable
+    backward: Callable | None = None  # None where the op's backward is backend-independent
+    available: Callable[[], tuple[bool, str]] = _always
+
+
 def get_backend() -> str:
     """The backend requested: one of ``auto``, ``triton``, ``cuda``, ``torch``."""
     return _backend
@@ -136,43 +174,50 @@ class set_backend:
         _backend = self._previous
 
 
-def resolve(device: torch.device, *, has_cuda_impl: bool = True) -> str:
-    """The implementation an op runs for tensors on ``device``: ``triton``, ``cuda`` or ``torch``.
+def resolve(device: torch.device, implementations: dict[str, Implementation]) -> str:
+    """The backend an op with ``implementations`` runs for tensors on ``device``.
 
-    ``has_cuda_impl`` is False for ops without a C++ version; ``auto`` then skips it and an
-    explicit ``cuda`` request raises.
+    ``auto`` skips backends the op lacks or that are unavailable; an explicit request for one
+    the op lacks raises.
     """
     backend = get_backend()
     if device.type != "cuda":
-        return "triton" if backend == "triton" and triton_interpret() else "torch"
+        interpreted = backend == "triton" and triton_interpret() and "triton" in implementations
+        return "triton" if interpreted else "torch"
     if backend == "auto":
-        if TRITON_AVAILABLE and not triton_interpret():
-            return "triton"
-        if CUDA_EXTENSION_AVAILABLE and has_cuda_impl:
-            return "cuda"
-        return "torch"
-    if backend == "cuda" and not has_cuda_impl:
-        raise RuntimeError("kernel backend 'cuda' has no C++ version of this op; use 'auto' or 'triton'")
-    _check_available(backend)
+        for name in PREFERENCE:
+            if name == "triton" and triton_interpret():
+                continue  # the interpreter is for tests on the CPU, never the fast path
+            if name in implementations and implementations[name].available()[0]:
+                return name
+    if backend not in implementations:
+        raise RuntimeError(
+            f"kernel backend {backend!r} has no version of this op; use one of {', '.join(implementations)} or 'auto'"
+        )
+    available, reason = implementations[backend].available()
+    if not available:
+        raise RuntimeError(f"kernel backend {backend!r} is unavailable: {reason}")
     return backend
 
 
-def explain(device_type: str, *, has_cuda_impl: bool = True) -> tuple[str, str]:
+def select(device: torch.device, implementations: dict[str, Implementation]) -> Implementation:
+    """The table entry :func:`resolve` chooses."""
+    return implementations[resolve(device, implementations)]
+
+
+def explain(device_type: str, implementations: dict[str, Implementation]) -> tuple[str, str]:
     """``(implementation, reason)`` for the environment report."""
     backend = get_backend()
     if device_type == "cpu":
-        if backend == "triton" and triton_interpret():
+        if backend == "triton" and triton_interpret() and "triton" in implementations:
             return "triton", "backend 'triton' with TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors"
         return "torch", "CPU tensors use the chunked PyTorch kernel"
     if not torch.cuda.is_available():
         return "-", "no CUDA device visible"
     try:
-        chosen = resolve(torch.device("cuda"), has_cuda_impl=has_cuda_impl)
+        chosen = resolve(torch.device("cuda"), implementations)
     except RuntimeError as exc:
         return "error", str(exc)
-    reasons = {
-        "triton": TRITON_STATUS,
-        "cuda": CUDA_EXTENSION_STATUS,
-        "torch": "plain PyTorch" if backend == "torch" else "no faster backend is available",
-    }
-    return chosen, f"backend={backend!r}; {reasons[chosen]}"
+    if chosen == "torch" and backend != "torch":
+        return chosen, f"backend={backend!r}; no faster backend is available"
+    return chosen, f"backend={backend!r}; {implementations[chosen].available()[1]}"

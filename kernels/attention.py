@@ -5,11 +5,11 @@ for the whole batch (BEiT adds the same relative position bias to every image, a
 pretraining to every block). No ``[B, H, N, N]`` tensor is ever allocated, forward or backward,
 and the bias gradient is summed over the batch inside the kernels.
 
-Triton kernels (``kernels/_triton_attention_new.py``; its docstring has the tiles and what padding
-costs): a forward with an online softmax that writes the output and the log-sum-exp, and one
-backward kernel whose programs own whole sequences of a (head, batch group), so that dq, dk, dv
-take five matrix products per tile pair and the bias gradient is summed over the batch in the
-same pass, without atomics (bit-identical run to run, ``deterministic`` or not).
+Backends (``IMPLEMENTATIONS``): Triton kernels (``kernels/_triton/attention.py``, whose docstring
+describes them, with their tiles and what padding costs: an online-softmax forward and one
+backward kernel whose programs own whole sequences, so that dq, dk, dv take five matrix products
+per tile pair and the bias gradient is summed over the batch in the same pass, without atomics),
+the CUDA C++ kernels (``csrc/attention.cu``) and a PyTorch kernel.
 
 Dispatch: CPU tensors take the PyTorch kernel (exact softmax in fp32, in batch chunks so its
 memory stays bounded); on CUDA a call without a bias goes to PyTorch's scaled_dot_product_attention
@@ -20,12 +20,11 @@ memory stays bounded); on CUDA a call without a bias goes to PyTorch's scaled_do
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _dispatch
+from . import _checks, _dispatch, _scaffold
 from .reference import relative_position_index
 
 __all__ = ["relative_position_index", "relpos_attention", "relpos_bias"]
@@ -33,41 +32,13 @@ __all__ = ["relative_position_index", "relpos_attention", "relpos_bias"]
 OP = "relpos_attention"
 MAX_HEAD_DIM = 128
 CPU_CHUNK_BYTES = 32 << 20  # the PyTorch kernel's score chunk: bounded, still matmul-sized
-# The first call of each shape benchmarks every candidate tile (seconds); with
-# BEITV2_ATTENTION_AUTOTUNE=0 the first candidate runs at once (many shapes, quick test runs).
-AUTOTUNE = os.environ.get("BEITV2_ATTENTION_AUTOTUNE", "1") != "0"
-HAS_CUDA_IMPL = True  # csrc/attention.cu has the forward and the backward
 
 
-def _empty_bnhd(like: torch.Tensor) -> torch.Tensor:
+def empty_bnhd(like: torch.Tensor) -> torch.Tensor:
     """A ``[B, H, N, Dh]`` tensor laid out as ``[B, N, H, Dh]``, so that the usual
     ``out.transpose(1, 2).reshape(B, N, H * Dh)`` after attention is a free view."""
     b, h, n, d = like.shape
     return like.new_empty(b, n, h, d).transpose(1, 2)
-
-
-# --------------------------------------------------------------------------------------------
-# Triton kernels (kernels/_triton_attention_new.py, imported on the first call)
-# --------------------------------------------------------------------------------------------
-def _triton_kernels():
-    from . import _triton_attention_new
-
-    return _triton_attention_new
-
-
-def _triton_forward(q, k, v, bias, scale):
-    out = _empty_bnhd(q)
-    lse = _triton_kernels().forward(q, k, v, bias, scale, out, autotune=AUTOTUNE)
-    return out, lse
-
-
-def _triton_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias):
-    # The kernels have no atomics: the bias gradient is bit-identical with or without `deterministic`.
-    dq, dk, dv = _empty_bnhd(q), _empty_bnhd(k), _empty_bnhd(v)
-    dbias = _triton_kernels().backward(
-        grad_out, q, k, v, bias, out, lse, scale, need_dbias, dq, dk, dv, autotune=AUTOTUNE
-    )
-    return dq, dk, dv, dbias
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +59,7 @@ def _scores(q, k, bias32, scale):
 
 
 def _torch_forward(q, k, v, bias, scale, chunk_bytes: int = CPU_CHUNK_BYTES):
-    out = _empty_bnhd(q)
+    out = empty_bnhd(q)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     bias32 = None if bias is None else bias.to(q.dtype).float()  # rounded as the fused kernels read it
     step = _batch_chunk(q, chunk_bytes)
@@ -104,7 +75,7 @@ def _torch_forward(q, k, v, bias, scale, chunk_bytes: int = CPU_CHUNK_BYTES):
 
 
 def _torch_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, chunk_bytes=CPU_CHUNK_BYTES):
-    dq, dk, dv = _empty_bnhd(q), _empty_bnhd(k), _empty_bnhd(v)
+    dq, dk, dv = empty_bnhd(q), empty_bnhd(k), empty_bnhd(v)
     dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if need_dbias else None
     bias32 = None if bias is None else bias.to(q.dtype).float()
     step = _batch_chunk(q, chunk_bytes)
@@ -141,8 +112,19 @@ def _cuda_extension_backward(grad_out, q, k, v, bias, out, lse, scale, determini
     return dq, dk, dv, (dbias.to(bias.dtype) if need_dbias else None)
 
 
-_FORWARD = {"triton": _triton_forward, "torch": _torch_forward, "cuda": _cuda_extension_forward}
-_BACKWARD = {"triton": _triton_backward, "torch": _torch_backward, "cuda": _cuda_extension_backward}
+IMPLEMENTATIONS = {
+    "triton": _dispatch.Implementation(
+        _scaffold.triton_kernel("attention", "forward"),
+        _scaffold.triton_kernel("attention", "backward"),
+        available=_dispatch.triton_status,
+    ),
+    "cuda": _dispatch.Implementation(
+        _cuda_extension_forward,
+        _cuda_extension_backward,
+        available=_dispatch.cuda_extension_status(OP),
+    ),
+    "torch": _dispatch.Implementation(_torch_forward, _torch_backward),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,46 +132,35 @@ _BACKWARD = {"triton": _triton_backward, "torch": _torch_backward, "cuda": _cuda
 # --------------------------------------------------------------------------------------------
 def _run_forward(q, k, v, bias, scale):
     if q.numel() == 0:
-        return _empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-    implementation = _dispatch.resolve(q.device, has_cuda_impl=HAS_CUDA_IMPL)
-    return _FORWARD[implementation](q, k, v, bias, scale)
+        return empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _dispatch.select(q.device, IMPLEMENTATIONS).forward(q, k, v, bias, scale)
 
 
-@torch.library.custom_op("beitv2::relpos_attention", mutates_args=(), device_types="cpu")
+@_scaffold.custom_op("beitv2::relpos_attention")
 def _relpos_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float, deterministic: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _run_forward(q, k, v, bias, scale)
 
 
-@_relpos_attention_op.register_kernel("cuda")
-def _relpos_attention_cuda(q, k, v, bias, scale, deterministic):
-    return _run_forward(q, k, v, bias, scale)
-
-
 @_relpos_attention_op.register_fake
 def _relpos_attention_fake(q, k, v, bias, scale, deterministic):
-    return _empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _run_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias):
-    grad_out = _unit_stride_rows(grad_out)
+    grad_out = _scaffold.unit_stride_rows(grad_out)
     if q.numel() == 0:
-        dq, dk, dv = (_empty_bnhd(t).zero_() for t in (q, k, v))
+        dq, dk, dv = (empty_bnhd(t).zero_() for t in (q, k, v))
         dbias = torch.zeros(bias.shape, device=bias.device, dtype=bias.dtype) if need_dbias else None
     else:
-        implementation = _dispatch.resolve(q.device, has_cuda_impl=HAS_CUDA_IMPL)
-        dq, dk, dv, dbias = _BACKWARD[implementation](
+        dq, dk, dv, dbias = _dispatch.select(q.device, IMPLEMENTATIONS).backward(
             grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias
         )
     return dq, dk, dv, (dbias if need_dbias else q.new_empty(0))
 
 
-@torch.library.custom_op("beitv2::relpos_attention_backward", mutates_args=(), device_types="cpu")
+@_scaffold.custom_op("beitv2::relpos_attention_backward")
 def _relpos_attention_backward_op(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -205,15 +176,10 @@ def _relpos_attention_backward_op(
     return _run_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias)
 
 
-@_relpos_attention_backward_op.register_kernel("cuda")
-def _relpos_attention_backward_cuda(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias):
-    return _run_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias)
-
-
 @_relpos_attention_backward_op.register_fake
 def _relpos_attention_backward_fake(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias):
     dbias = bias.new_empty(bias.shape) if need_dbias else q.new_empty(0)
-    return _empty_bnhd(q), _empty_bnhd(k), _empty_bnhd(v), dbias
+    return empty_bnhd(q), empty_bnhd(k), empty_bnhd(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
@@ -290,8 +256,8 @@ def relpos_attention(
         scale: multiplies ``q k^T``; default ``Dh ** -0.5``.
         deterministic: make every gradient bit-identical from run to run. The Triton, CUDA C++
             and PyTorch kernels here are so either way (the batch groups' partial bias gradients
-            are added in a fixed order, never with atomics); the flag stays for callers that
-            state the requirement, and for backends that may need it.
+            are added in a fixed order, never with atomics); the flag states the requirement
+            for any backend that would need it.
 
     Returns:
         ``[B, H, N, Dh]`` in the dtype of ``q``, differentiable with respect to q, k, v and bias.
@@ -308,7 +274,7 @@ def relpos_attention(
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if bias is not None and bias.dim() == 4:
         bias = bias[0]
-    q, k, v = _unit_stride_rows(q), _unit_stride_rows(k), _unit_stride_rows(v)
+    q, k, v = _scaffold.unit_stride_rows(q), _scaffold.unit_stride_rows(k), _scaffold.unit_stride_rows(v)
     out, _ = _relpos_attention_op(q, k, v, bias, scale, deterministic)
     return out
 

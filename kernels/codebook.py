@@ -7,22 +7,17 @@ winning score by ``|z_i|``: one matmul tile at a time with a running (max, argma
 registers. The reference path (microsoft/unilm ``beit2/norm_ema_quantizer.py``) writes a full
 ``M x K`` distance matrix and a one-hot; at M = 50176, K = 8192 that is 1.6 GB before the argmin.
 
-Backends: a Triton kernel (tiled over codes, split over codes as well when there are too few
-rows to fill the GPU), the CUDA C++ kernel from ``csrc/codebook.cu``, and a PyTorch kernel that
-works in chunks of rows so its extra memory stays bounded on the CPU.
+Backends (``IMPLEMENTATIONS``): a Triton kernel (``kernels/_triton/codebook.py``, tiled over
+codes, split over codes as well when there are too few rows to fill the GPU), the CUDA C++ kernel
+from ``csrc/codebook.cu``, and a PyTorch kernel that works in chunks of rows so its extra memory
+stays bounded on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _checks, _dispatch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the PyTorch kernel serves every call
-    triton = None
+from . import _checks, _dispatch, _scaffold
 
 OP = "codebook_lookup"
 MAX_DIM = 256
@@ -30,127 +25,9 @@ NORM_EPS = 1e-12  # F.normalize's default, so zero rows give similarity 0 like t
 CPU_CHUNK_BYTES = 16 << 20  # the PyTorch kernel's similarity chunk: bounded, still matmul-sized
 
 
-# --------------------------------------------------------------------------------------------
-# Triton kernel
-# --------------------------------------------------------------------------------------------
-if triton is not None:
-
-    @triton.jit
-    def _codebook_argmax_kernel(
-        Z,  # [M, D] rows, unit stride along D
-        CODEBOOK,  # [K, D] codes, unit stride along D
-        BEST,  # [SPLIT, M] fp32: best raw dot product per row and split
-        BEST_ID,  # [SPLIT, M] int64: its code index
-        M,
-        K,
-        D,  #
-        stride_zm,
-        stride_cm,  #
-        codes_per_split,  #
-        BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        split = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        row_ok = rows < M
-        dim_ok = dims < D
-        z = tl.load(Z + rows[:, None] * stride_zm + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-
-        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        best_id = tl.zeros([BLOCK_M], tl.int32)
-        k_start = split * codes_per_split
-        k_end = tl.minimum(k_start + codes_per_split, K)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            codes = k0 + tl.arange(0, BLOCK_K)
-            code_ok = codes < k_end
-            c = tl.load(
-                CODEBOOK + codes[:, None] * stride_cm + dims[None, :],
-                mask=code_ok[:, None] & dim_ok[None, :],
-                other=0.0,
-            ).to(z.dtype)
-            # -- scores of this tile, fp32 accumulation ----
-            scores = tl.dot(z, tl.trans(c), input_precision=DOT_PRECISION)
-            scores = tl.where(code_ok[None, :], scores, float("-inf"))
-            tile_best, tile_id = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            # strictly greater: on a tie the earlier (lower) index stays, as torch.argmax
-            better = tile_best > best
-            best = tl.where(better, tile_best, best)
-            best_id = tl.where(better, tile_id + k0, best_id)
-
-        out = split * M + rows
-        tl.store(BEST + out, best, mask=row_ok)
-        tl.store(BEST_ID + out, best_id.to(tl.int64), mask=row_ok)
-
-    AUTOTUNE_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm in (64, 128)
-        for bk in (64, 128)
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
-
-    def fits(config, block_d: int, fp32: bool) -> bool:
-        """Tiles that compile without spills: the score tile per thread (fp32 FMA needs more
-        registers per score than the tensor-core path) and the z and code tiles."""
-        block_m, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
-        scores_per_thread = block_m * block_k // (32 * config.num_warps)
-        tile_bytes = (block_m + block_k) * block_d * (4 if fp32 else 2)
-        return scores_per_thread <= (32 if fp32 else 128) and tile_bytes <= 32 * 1024
-
-    def _prune_configs(configs, named_args, **kwargs):
-        fp32 = kwargs["DOT_PRECISION"] == "ieee"
-        kept = [c for c in configs if fits(c, kwargs["BLOCK_D"], fp32)]
-        return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)]
-
-    _codebook_argmax_autotuned = triton.autotune(
-        configs=AUTOTUNE_CONFIGS,
-        key=["D", "K", "codes_per_split"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_codebook_argmax_kernel)
-
-    # Small tiles for the CPU interpreter, where autotuning would only cost time.
-    INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 32}
-
-
-def _num_splits(m: int, k: int, device: torch.device) -> int:
-    """Split the codes over programs when the row blocks alone leave most SMs idle."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(m, 64)
-    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(k, 512)))
-
-
-def _triton_lookup(z: torch.Tensor, codebook: torch.Tensor, normalize_input: bool):
-    m, d = z.shape
-    k = codebook.shape[0]
-    splits = _num_splits(m, k, z.device)
-    codes_per_split = triton.cdiv(k, splits)
-    best = torch.empty(splits, m, device=z.device, dtype=torch.float32)
-    best_id = torch.empty(splits, m, device=z.device, dtype=torch.int64)
-    args = (z, codebook, best, best_id, m, k, d, z.stride(0), codebook.stride(0), codes_per_split)
-    block_d = max(16, triton.next_power_of_2(d))
-    precision = "ieee" if z.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
-    if _dispatch.triton_interpret():
-        meta = INTERPRETER_CONFIG
-        grid = (triton.cdiv(m, meta["BLOCK_M"]), splits)
-        _codebook_argmax_kernel[grid](*args, BLOCK_D=block_d, DOT_PRECISION=precision, **meta)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)  # noqa: E731
-        _codebook_argmax_autotuned[grid](*args, BLOCK_D=block_d, DOT_PRECISION=precision)
-    if splits == 1:
-        best, ids = best[0], best_id[0]
-    else:  # splits hold increasing code ranges: the first maximal split has the lowest index
-        winner = best.argmax(dim=0, keepdim=True)
-        best, ids = best.gather(0, winner)[0], best_id.gather(0, winner)[0]
-    return ids, _finish_similarity(best, z, normalize_input)
-
-
-def _finish_similarity(best_dot: torch.Tensor, z: torch.Tensor, normalize_input: bool) -> torch.Tensor:
+def finish_similarity(best_dot: torch.Tensor, z: torch.Tensor, normalize_input: bool) -> torch.Tensor:
+    """The similarity of the winning code from its raw dot product (every backend's last step)."""
+    """The similarity of the winning code from its raw dot product (every backend's last step)."""
     if not normalize_input:
         return best_dot
     return best_dot / torch.linalg.vector_norm(z.float(), dim=-1).clamp_min(NORM_EPS)
@@ -170,14 +47,20 @@ def _torch_lookup(z: torch.Tensor, codebook: torch.Tensor, normalize_input: bool
         chunk_ids = scores.argmax(dim=1, keepdim=True)
         ids[start : start + rows_per_chunk] = chunk_ids[:, 0]
         best[start : start + rows_per_chunk] = scores.gather(1, chunk_ids)[:, 0]
-    return ids, _finish_similarity(best, z, normalize_input)
+    return ids, finish_similarity(best, z, normalize_input)
 
 
 def _cuda_extension_lookup(z: torch.Tensor, codebook: torch.Tensor, normalize_input: bool):
     return torch.ops.beitv2_cuda.codebook_lookup(z, codebook.to(z.dtype), normalize_input)
 
 
-_IMPLEMENTATIONS = {"triton": _triton_lookup, "torch": _torch_lookup, "cuda": _cuda_extension_lookup}
+IMPLEMENTATIONS = {
+    "triton": _dispatch.Implementation(
+        _scaffold.triton_kernel("codebook", "lookup"), available=_dispatch.triton_status
+    ),
+    "cuda": _dispatch.Implementation(_cuda_extension_lookup, available=_dispatch.cuda_extension_status(OP)),
+    "torch": _dispatch.Implementation(_torch_lookup),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,19 +69,13 @@ _IMPLEMENTATIONS = {"triton": _triton_lookup, "torch": _torch_lookup, "cuda": _c
 def _run(z: torch.Tensor, codebook: torch.Tensor, normalize_input: bool):
     if z.shape[0] == 0:
         return z.new_empty(0, dtype=torch.int64), z.new_empty(0, dtype=torch.float32)
-    implementation = _dispatch.resolve(z.device)
-    return _IMPLEMENTATIONS[implementation](z, codebook, normalize_input)
+    return _dispatch.select(z.device, IMPLEMENTATIONS).forward(z, codebook, normalize_input)
 
 
-@torch.library.custom_op("beitv2::codebook_lookup", mutates_args=(), device_types="cpu")
+@_scaffold.custom_op("beitv2::codebook_lookup")
 def _codebook_lookup_op(
     z: torch.Tensor, codebook: torch.Tensor, normalize_input: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run(z, codebook, normalize_input)
-
-
-@_codebook_lookup_op.register_kernel("cuda")
-def _codebook_lookup_cuda(z, codebook, normalize_input):
     return _run(z, codebook, normalize_input)
 
 
@@ -255,10 +132,6 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
         raise ValueError(f"{OP}: argument 'codebook' must hold at least one code; got shape {tuple(codebook.shape)}")
 
 
-def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def codebook_lookup(z: torch.Tensor, codebook: torch.Tensor, *, normalize_input: bool = True):
     """Index and cosine similarity of the nearest code for every row of ``z``.
 
@@ -276,8 +149,8 @@ def codebook_lookup(z: torch.Tensor, codebook: torch.Tensor, *, normalize_input:
         similarity of the chosen code (differentiable with respect to ``z`` and ``codebook``).
     """
     _check_inputs(z, codebook)
-    rows = _unit_stride_rows(z.reshape(-1, z.shape[-1]))
-    ids, similarity = _codebook_lookup_op(rows, _unit_stride_rows(codebook), normalize_input)
+    rows = _scaffold.unit_stride_rows(z.reshape(-1, z.shape[-1]))
+    ids, similarity = _codebook_lookup_op(rows, _scaffold.unit_stride_rows(codebook), normalize_input)
     return ids.reshape(z.shape[:-1]), similarity.reshape(z.shape[:-1])
 
 

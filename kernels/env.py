@@ -31,9 +31,9 @@ def report() -> str:
         lines.append("cuda          no CUDA device visible")
     lines.append("")
     lines.append(f"{'op':<30} {'device':<7} {'implementation':<15} reason")
-    for name, has_cuda_impl in OPS:
+    for name, implementations in OPS.items():
         for device in ("cuda", "cpu"):
-            implementation, reason = _dispatch.explain(device, has_cuda_impl=has_cuda_impl)
+            implementation, reason = _dispatch.explain(device, implementations)
             lines.append(f"{name:<30} {device:<7} {implementation:<15} {reason}")
     return "\n".join(lines)
 

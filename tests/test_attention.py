@@ -7,11 +7,7 @@ import torch
 
 import kernels
 from kernels import _testing, attention, reference
-
-try:
-    from kernels import _triton_attention_new as triton_attention
-except ImportError:  # no triton: the tests of the PyTorch kernel still run
-    triton_attention = None
+from kernels._triton import attention as triton_attention
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEADS = 2
@@ -24,7 +20,7 @@ INTERPRETER_SEQ_LENS = (1, 7, 37)
 def _first_candidate_only(monkeypatch):
     # On a GPU, tuning every shape of the sweeps would compile hundreds of kernel variants;
     # the tuned path has its own test (test_autotuned_kernels_at_beit_shape).
-    monkeypatch.setattr(attention, "AUTOTUNE", False)
+    monkeypatch.setattr(triton_attention, "AUTOTUNE", False)
 
 
 # Each test taking `backend` runs on each of these (tests/conftest.py).
@@ -217,8 +213,9 @@ def test_triton_backward_writes_strided_views_of_one_buffer():
         expected = torch.ops.beitv2.relpos_attention_backward(grad_out, q, k, v, bias, out, lse, 0.2, False, True)
     packed = torch.full((2, 9, 3, HEADS, 32), 7.0, dtype=torch.bfloat16)
     views = packed.permute(2, 0, 3, 1, 4).unbind(0)
-    dbias = triton_attention.backward(grad_out, q, k, v, bias, out, lse, 0.2, True, *views, autotune=False)
-    for got, want, name in zip((*views, dbias), expected, ("dq", "dk", "dv", "dbias"), strict=True):
+    grads = triton_attention.backward(grad_out, q, k, v, bias, out, lse, 0.2, False, True, *views)
+    assert all(got is view for got, view in zip(grads[:3], views, strict=True)), "the launcher must write the tensors given"
+    for got, want, name in zip(grads, expected, ("dq", "dk", "dv", "dbias"), strict=True):
         assert torch.equal(got, want), f"{name} through strides differs"
 
 
@@ -409,7 +406,7 @@ def test_patch_timm_beit_rejects_other_models():
 def test_autotuned_kernels_at_beit_shape(monkeypatch):
     # Every candidate runs while tuning; the chosen ones must give the reference's result, with
     # and without the deterministic mode.
-    monkeypatch.setattr(attention, "AUTOTUNE", True)
+    monkeypatch.setattr(triton_attention, "AUTOTUNE", True)
     for tuner in (triton_attention._fwd_autotuned, triton_attention._bwd_autotuned):
         monkeypatch.setattr(tuner, "cache", {})
     q, k, v, bias = _inputs(8, 197, 64, "cuda", torch.bfloat16, heads=12)
@@ -461,7 +458,7 @@ def _aot_spec(kernel: str, precision: str, block_d: int, tile: tuple, arch: int)
         if signature[name].startswith("*") or name.startswith("stride"):
             aligned.append(name)
     return _testing.AotSpec(
-        f"kernels._triton_attention_new:{fn.__name__}", signature, constexprs, arch, config.num_warps,
+        f"kernels._triton.attention:{fn.__name__}", signature, constexprs, arch, config.num_warps,
         config.num_stages, divisible_by_16=tuple(aligned),
     )  # fmt: skip
 

@@ -11,15 +11,10 @@ import sys
 import pytest
 import torch
 
-import kernels  # noqa: F401 - the package, before bench/ (which holds a kernels.py) is on the path
+from bench import _common, step_profile, train_step
+from bench.reference import einops_lite, unilm
 
-BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-if BENCH_DIR not in sys.path:
-    sys.path.append(BENCH_DIR)
-
-import _common  # noqa: E402
-import train_step  # noqa: E402
-from reference import einops_lite, unilm  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,9 +110,55 @@ def test_train_step_defaults_on_the_cpu():
     assert options.num_mask_patches == 75 and options.task == ["pretrain", "tokenizer"]
     small = train_step.parse_args(["--device", "cpu", "--img-size", "64"])
     assert small.num_mask_patches == 6  # 75 of 196 patches, scaled to 16
+    options.native_bf16 = True
     keys = [p.key for p in train_step.providers_for("pretrain", options)]
     assert keys == ["ours", "ours-torch", "ours-bf16", "timm"]  # no official without --unilm-dir
     assert [p.precision for p in train_step.providers_for("tokenizer", options)] == ["fp32", "fp32", "bf16"]
+    options.native_bf16 = False  # emulated bf16 is not worth minutes of timing
+    assert [p.key for p in train_step.providers_for("tokenizer", options)] == ["ours", "ours-torch"]
+
+
+def test_a_row_labelled_compiled_that_compiled_nothing_is_refused():
+    label = train_step.PROVIDER_LABELS["ours"]
+    assert train_step.compilation_verdict(label, 0, 0)[0].startswith("refused")
+    assert train_step.compilation_verdict(label, 3, 0) == ("", "")
+    assert train_step.compilation_verdict(label, 3, 2) == ("", "2 graph breaks")
+    assert train_step.compilation_verdict(train_step.PROVIDER_LABELS["ours-torch"], 0, 0) == ("", "")
+
+
+@pytest.mark.parametrize(
+    "name, category",
+    [
+        ("_relpos_attention_fwd_kernel", "our attention"),
+        ("void relpos_attention_bwd_dkdv_kernel<__nv_bfloat16>(...)", "our attention"),
+        ("beitv2::relpos_attention", "our attention"),
+        ("_logits_kernel", "masked CE"),
+        ("beitv2::masked_linear_cross_entropy", "masked CE"),
+        ("_codebook_argmax_kernel", "codebook"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "SDPA/flash"),
+        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "SDPA/flash"),
+        ("aten::_efficient_attention_forward", "SDPA/flash"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("aten::_fused_adamw_", "optimizer"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "cuBLAS GEMMs"),
+        ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_TNN", "cuBLAS GEMMs"),
+        ("triton_tem_fused_addmm_0", "cuBLAS GEMMs"),
+        ("aten::addmm", "cuBLAS GEMMs"),
+        ("triton_poi_fused_add_native_layer_norm_3", "inductor-fused elementwise"),
+        ("triton_red_fused__to_copy_sum_7", "inductor-fused elementwise"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+    ],
+)
+def test_kernel_names_fall_in_their_categories(name, category):
+    assert step_profile.kernel_category(name) == category
+
+
+def test_the_profile_summary_adds_up_per_step():
+    profiled = [("triton_poi_fused_gelu_1", 3000.0), ("nvjet_gemm", 5000.0), ("mystery", 2000.0)]
+    totals = step_profile.time_by_category(profiled)
+    assert list(totals) == list(step_profile.CATEGORIES) and totals["cuBLAS GEMMs"] == 5000.0
+    text = step_profile.summary_markdown(profiled, 2, {"backward": 4.0}, cuda=True)
+    assert "| backward | 2.00 |" in text and "| cuBLAS GEMMs | 2.50 | 50.0% |" in text and "| other | 1.00 |" in text
 
 
 @pytest.mark.parametrize(
@@ -139,11 +180,11 @@ def test_train_step_measures_every_provider_end_to_end(tmp_path):
     """Two providers at a toy size through the whole protocol (processes, steps, memory, rows)."""
     csv_path = tmp_path / "rows.csv"
     command = [
-        sys.executable, os.path.join(BENCH_DIR, "train_step.py"), "--device", "cpu", "--task", "pretrain",
+        sys.executable, "-m", "bench.train_step", "--device", "cpu", "--task", "pretrain",
         "--model", "tiny", "--img-size", "32", "--batch", "1", "--warmup", "0", "--steps", "1",
         "--providers", "ours-torch", "timm", "--csv", str(csv_path),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import _testing, codebook, reference
+from kernels._triton import codebook as triton_codebook
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -100,7 +101,7 @@ def test_unnormalized_input_gives_raw_dot(backend, device):
 @pytest.mark.interpreter
 def test_triton_split_over_codes(monkeypatch):
     # On a GPU with few rows the codes are split over programs; force it on the interpreter.
-    monkeypatch.setattr(codebook, "_num_splits", lambda m, k, device: 3)
+    monkeypatch.setattr(triton_codebook, "_num_splits", lambda m, k, device: 3)
     cb = _unit_codebook(200, 32, "cpu")
     cb = torch.cat([cb, cb])  # ties across splits must still go to the lowest index
     z = torch.randn(37, 32)
@@ -210,7 +211,9 @@ def _shipped_specs():
     for block_d in (16, 32, 64, 128, 256):
         for dtype in ("bf16", "fp16", "fp32"):
             precision = "ieee" if dtype == "fp32" else "tf32"
-            configs = codebook._prune_configs(codebook.AUTOTUNE_CONFIGS, {}, BLOCK_D=block_d, DOT_PRECISION=precision)
+            configs = triton_codebook._prune_configs(
+                triton_codebook.AUTOTUNE_CONFIGS, {}, BLOCK_D=block_d, DOT_PRECISION=precision
+            )
             # Every kept config at BEiT v2's shape (D = 32, bf16); the largest tile elsewhere.
             chosen = configs if (block_d, dtype) in ((32, "bf16"), (32, "fp32")) else configs[-1:]
             signature = {
@@ -222,7 +225,7 @@ def _shipped_specs():
                 for arch in (80, 90):
                     specs.append(
                         _testing.AotSpec(
-                            "kernels.codebook:_codebook_argmax_kernel",
+                            "kernels._triton.codebook:_codebook_argmax_kernel",
                             signature,
                             constexprs,
                             arch,

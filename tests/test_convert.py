@@ -185,7 +185,7 @@ def test_linear_probe_trains_only_its_head_on_the_chosen_features():
         tokens, _ = backbone.forward_features(x)
         torch.testing.assert_close(probe.forward_features(x), backbone.norm(tokens[:, 0]))
         mean_probe = LinearProbe(backbone, 5, block=1, pool="mean", final_norm=False)
-        early = backbone.forward_intermediates(x, [1])[0]
+        early = backbone.intermediate_tokens(x, [1])[0]
         torch.testing.assert_close(mean_probe.forward_features(x), early[:, 1:].mean(1))
 
 

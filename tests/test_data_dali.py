@@ -9,7 +9,7 @@ import torch
 
 from beitv2_fast.data import DemoImages, ImageFolderDataset, MaskingGenerator, PretrainTransform, build_loader
 from beitv2_fast.data import dali as dali_backend
-from beitv2_fast.data.loader import ResumableBatchSampler
+from beitv2_fast.data.sampling import ResumableBatchSampler
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_dali_inputs_reproduce_the_cpu_crops_and_masks(jpeg_folder):
     args = _loader_args()
     transform = PretrainTransform(48, 24, color_jitter=0.0, uint8_output=True)
     sampler = ResumableBatchSampler(len(jpeg_folder), 4, seed=5)
-    inputs = dali_backend.DaliInputs(jpeg_folder, transform, args["masking"], sampler, seed=5, epoch=0, start_batch=0)
+    inputs = dali_backend.DaliInputs(jpeg_folder, transform, args["masking"], sampler, epoch=0, start_batch=0)
     flips = 0
     for cpu in build_loader("pretrain", jpeg_folder, num_workers=0, **args):
         encoded, roi_start, roi_end, brightness, contrast, saturation = next(inputs)
@@ -62,6 +62,28 @@ def test_dali_inputs_reproduce_the_cpu_crops_and_masks(jpeg_folder):
     assert key.batch == len(sampler) - 1 and 0 < flips < 12
 
 
+def test_dali_inputs_resume_where_the_cpu_loader_resumes(jpeg_folder):
+    # A DALI stream started at a saved position reads the batches (order and masks) the CPU loader
+    # reads from the same state, across the epoch boundary: one sampler, one resume contract.
+    args = _loader_args()
+    cpu = build_loader("pretrain", jpeg_folder, num_workers=0, **args)
+    cpu.seek(0, 2)
+    state = cpu.state_dict()
+    expected = [next(iter(cpu)).mask_index]  # batch 2, the last of epoch 0
+    next_epoch = iter(cpu)  # rolls over to epoch 1
+    expected += [next(next_epoch).mask_index, next(next_epoch).mask_index]
+    sampler = ResumableBatchSampler(len(jpeg_folder), 4, seed=5)
+    sampler.load_state_dict(state)
+    inputs = dali_backend.DaliInputs(jpeg_folder, args["transform"], args["masking"], sampler, *sampler.start())
+    keys = []
+    for _ in expected:
+        next(inputs)
+        key, masks, _ = inputs.pending.popleft()
+        keys.append((key.epoch, key.batch))
+        assert torch.equal(masks, expected[len(keys) - 1])
+    assert len(sampler) == 3 and keys == [(0, 2), (1, 0), (1, 1)]
+
+
 def test_dali_inputs_replace_bad_files_and_reencode_odd_modes(tmp_path):
     root = tmp_path / "class"
     root.mkdir()
@@ -78,7 +100,6 @@ def test_dali_inputs_replace_bad_files_and_reencode_odd_modes(tmp_path):
             PretrainTransform(16, 16),
             MaskingGenerator(2, 1, min_num_patches=1),
             ResumableBatchSampler(3, 3, shuffle=False),
-            seed=0,
             epoch=0,
             start_batch=0,
         ).__next__()

@@ -117,9 +117,9 @@ def test_ranks_split_the_samples():
     assert not indices[0] & indices[1]
     assert len(ResumableBatchSampler(30, 4, num_replicas=2, rank=0, drop_last=False)) == 4
     sampler = samplers[0]
-    sampler.set_position(epoch=2, start_batch=1)
+    sampler.seek(epoch=2, batch=1)
     resumed = list(sampler)
-    sampler.set_position(epoch=2)
+    sampler.seek(epoch=2)
     assert resumed == list(sampler)[1:]
     with pytest.raises(ValueError, match="no full batch"):
         ResumableBatchSampler(3, 4, num_replicas=2, rank=0)

@@ -50,13 +50,13 @@ def test_set_backend_rejects_unknown_and_unavailable(monkeypatch):
 def test_cpu_tensors_use_torch_unless_triton_is_interpreted(monkeypatch):
     cpu = torch.device("cpu")
     with kernels.set_backend("auto"):
-        assert _dispatch.resolve(cpu) == "torch"
+        assert _dispatch.resolve(cpu, kernels.codebook.IMPLEMENTATIONS) == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with kernels.set_backend("triton"):
-        assert _dispatch.resolve(cpu) == "triton"
+        assert _dispatch.resolve(cpu, kernels.codebook.IMPLEMENTATIONS) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with kernels.set_backend("triton"):
-        assert _dispatch.resolve(cpu) == "torch"
+        assert _dispatch.resolve(cpu, kernels.codebook.IMPLEMENTATIONS) == "torch"
 
 
 def test_environment_variable_selects_and_validates_backend():
@@ -71,7 +71,7 @@ def test_environment_report_names_every_op():
 
     report = environment_report()
     assert f"torch         {torch.__version__}" in report
-    for name, _ in kernels.OPS:
+    for name in kernels.OPS:
         assert name in report
     module = subprocess.run([sys.executable, "-m", "kernels.env"], capture_output=True, text=True)
     assert module.returncode == 0 and "codebook_lookup" in module.stdout
@@ -116,8 +116,8 @@ def test_cuda_extension_is_built_when_the_toolchain_is_present():
     if torch.version.cuda is None or shutil.which("nvcc") is None:
         pytest.skip("no nvcc or a CPU-only torch: the extension is optional here")
     assert _dispatch.CUDA_EXTENSION_AVAILABLE, _dispatch.CUDA_EXTENSION_STATUS
-    for name, has_cuda_impl in kernels.OPS:
-        if has_cuda_impl:
+    for name, implementations in kernels.OPS.items():
+        if "cuda" in implementations:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"beitv2_cuda::{name}", "CUDA"), name
 
 

@@ -6,6 +6,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kernels
 from kernels import _testing, masked_ce, reference
+from kernels._triton import masked_ce as triton_masked_ce
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IGNORE = -100
@@ -205,8 +206,8 @@ def test_triton_out_of_range_target_is_documented_behaviour():
 @pytest.mark.interpreter
 def test_triton_chunks_and_vocabulary_splits(monkeypatch, gradient_in_forward):
     # Several row chunks and a vocabulary split over programs, as on a GPU; ties across splits.
-    monkeypatch.setattr(masked_ce, "GPU_CHUNK_BYTES", 128 * 200 * 4)  # 128-row chunks of [rows, 200] fp32
-    monkeypatch.setattr(masked_ce, "_num_splits", lambda rows, vocab, device: 3)
+    monkeypatch.setattr(triton_masked_ce, "GPU_CHUNK_BYTES", 128 * 200 * 4)  # 128-row chunks of [rows, 200] fp32
+    monkeypatch.setattr(triton_masked_ce, "_num_splits", lambda rows, vocab, device: 3)
     x, weight, bias, target = _head(200, 16, 100, "cpu", exact=True)
     weight, bias = torch.cat([weight, weight]), torch.cat([bias, bias])
     with kernels.set_backend("triton"):
@@ -264,10 +265,10 @@ def test_cpu_kernel_peak_memory_is_one_chunk_plus_gradients(monkeypatch):
 
 def test_chunk_rows_respect_the_budget():
     for m, v, element, budget, multiple in [(19200, 8192, 4, 16 << 20, 1), (19200, 8192, 2, 64 << 20, 128)]:
-        rows = masked_ce._chunk_rows(m, v, element, budget, multiple)
+        rows = masked_ce.chunk_rows(m, v, element, budget, multiple)
         assert rows * v * element <= budget and rows % multiple == 0
         assert -(-m // rows) == -(-m // (budget // (v * element)))  # no more chunks than needed
-    assert masked_ce._chunk_rows(5, 8192, 2, 64 << 20, 128) == 5
+    assert masked_ce.chunk_rows(5, 8192, 2, 64 << 20, 128) == 5
 
 
 def test_no_grad_and_partial_requires_grad(backend, device, gradient_in_forward):
@@ -397,7 +398,13 @@ def _spec(kernel, dtype, constexprs, arch, num_warps, num_stages):
     signature, aligned_ints = _signatures(dtype)[kernel]
     pointers = tuple(name for name, kind in signature.items() if kind.startswith("*"))
     return _testing.AotSpec(
-        f"kernels.masked_ce:{kernel}", signature, constexprs, arch, num_warps, num_stages, pointers + aligned_ints
+        f"kernels._triton.masked_ce:{kernel}",
+        signature,
+        constexprs,
+        arch,
+        num_warps,
+        num_stages,
+        pointers + aligned_ints,
     )
 
 
@@ -408,12 +415,12 @@ def _shipped_specs():
     configuration of the logits kernel in its heaviest mode; fp32 also its dW and finish kernels."""
     stats, store_exp, grad = (False, False), (True, False), (False, True)
     jobs = []  # (dtype, kernel, config, modes)
-    for i, config in enumerate(masked_ce.LOGITS_CONFIGS_16BIT):
+    for i, config in enumerate(triton_masked_ce.LOGITS_CONFIGS_16BIT):
         jobs.append(("bf16", "_logits_kernel", config, (stats, store_exp, grad) if i == 0 else (store_exp, grad)))
-    jobs += [("bf16", "_grad_weight_kernel", config, None) for config in masked_ce.GRAD_WEIGHT_CONFIGS_16BIT]
-    jobs.append(("fp16", "_logits_kernel", masked_ce.LOGITS_CONFIGS_16BIT[0], (store_exp,)))
-    jobs.append(("fp32", "_logits_kernel", masked_ce.LOGITS_CONFIGS_FP32[0], (store_exp,)))
-    jobs.append(("fp32", "_grad_weight_kernel", masked_ce.GRAD_WEIGHT_CONFIGS_FP32[0], None))
+    jobs += [("bf16", "_grad_weight_kernel", config, None) for config in triton_masked_ce.GRAD_WEIGHT_CONFIGS_16BIT]
+    jobs.append(("fp16", "_logits_kernel", triton_masked_ce.LOGITS_CONFIGS_16BIT[0], (store_exp,)))
+    jobs.append(("fp32", "_logits_kernel", triton_masked_ce.LOGITS_CONFIGS_FP32[0], (store_exp,)))
+    jobs.append(("fp32", "_grad_weight_kernel", triton_masked_ce.GRAD_WEIGHT_CONFIGS_FP32[0], None))
     specs = []
     for arch in (80, 90):
         for dtype, kernel, config, modes in jobs:
@@ -424,12 +431,16 @@ def _shipped_specs():
                 continue
             for exp, from_lse in modes:
                 constexprs = {
-                    "HAS_BIAS": True, "STORE_EXP": exp, "GRAD_FROM_LSE": from_lse, "BLOCK_N": masked_ce.VOCAB_TILE,
+                    "HAS_BIAS": True, "STORE_EXP": exp, "GRAD_FROM_LSE": from_lse, "BLOCK_N": triton_masked_ce.VOCAB_TILE,
                     **precision, **config.kwargs,
                 }  # fmt: skip
                 specs.append(_spec(kernel, dtype, constexprs, arch, config.num_warps, config.num_stages))
         for dtype in ("bf16", "fp32"):
-            constexprs = {"CONVERT": True, "BLOCK_R": masked_ce.FINISH_BLOCK_R, "BLOCK_N": masked_ce.VOCAB_TILE}
+            constexprs = {
+                "CONVERT": True,
+                "BLOCK_R": triton_masked_ce.FINISH_BLOCK_R,
+                "BLOCK_N": triton_masked_ce.VOCAB_TILE,
+            }
             specs.append(_spec("_finish_rows_kernel", dtype, constexprs, arch, 4, 3))
     return specs
 

@@ -86,7 +86,7 @@ def test_backbone_matches_the_official_formulas_and_builds_the_pyramid(tiny):
     assert torch.equal(backbone.blocks[0].attn.relative_position_index, _official_index(4, 4))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ours = backbone.forward_intermediates(x, backbone.out_indices)
+        ours = backbone.intermediate_tokens(x, backbone.out_indices)
         reference = _official_tokens(backbone, x)
         levels = backbone(x)
     for got, expected in zip(ours, reference, strict=True):
@@ -343,5 +343,5 @@ def test_base_backbone_at_512_attends_over_1025_tokens():
     model = create_model("upernet_beit_base_patch16_512", depth=1, out_indices=(0, 0, 0, 0))
     assert model.backbone.patch_embed.grid_size == (32, 32)
     with torch.no_grad():
-        tokens = model.backbone.forward_intermediates(torch.randn(1, 3, 512, 512), [0])[0]
+        tokens = model.backbone.intermediate_tokens(torch.randn(1, 3, 512, 512), [0])[0]
     assert tokens.shape == (1, 1025, 768) and math.isfinite(tokens.sum().item())

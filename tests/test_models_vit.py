@@ -86,10 +86,12 @@ def test_features_and_logits_equal_timm_with_the_same_weights(timm_name):
     model.load_state_dict(from_timm(reference.state_dict(), model), strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        expected_features = reference.forward_head(reference.forward_features(x), pre_logits=True)
-        expected_logits = reference(x)
-        features, logits = model.forward_features(x), model(x)
-    for got, want in ((features, expected_features), (logits, expected_logits)):
+        expected_tokens = reference.forward_features(x)
+        expected_pooled = reference.forward_head(expected_tokens, pre_logits=True)
+        tokens = model.forward_features(x)
+        pooled, logits = model.forward_head(tokens, pre_logits=True), model(x)
+    assert tokens.shape == (2, 17, 192)
+    for got, want in ((tokens, expected_tokens), (pooled, expected_pooled), (logits, reference(x))):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 

@@ -13,9 +13,17 @@ The training loop needs only::
         images, tokenizer_images, mask_index = batch
     state = loader.state_dict()                               # into the checkpoint
 
-See ``loader.py`` for the batches of each task.
+See ``sampling.py`` for the order, seeding and resume contract every loader backend shares,
+``batches.py`` for the batches of each task.
 """
 
+from .batches import (
+    ClassificationBatch,
+    PretrainBatch,
+    ResumableLoader,
+    SegmentationBatch,
+    TokenizerBatch,
+)
 from .datasets import (
     DEMO_PHOTOS,
     BadImageWarning,
@@ -27,16 +35,9 @@ from .datasets import (
     build_dataset,
     decode_image,
 )
-from .loader import (
-    ClassificationBatch,
-    Loader,
-    PretrainBatch,
-    ResumableBatchSampler,
-    SegmentationBatch,
-    TokenizerBatch,
-    build_loader,
-)
+from .loader import Loader, build_loader
 from .masking import MaskingGenerator, index_to_bool_mask
+from .sampling import BatchKey, ResumableBatchSampler
 from .segmentation import (
     ADE20K,
     ADE20K_CLASSES,
@@ -66,6 +67,7 @@ __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "BadImageWarning",
+    "BatchKey",
     "ClassificationBatch",
     "DemoImages",
     "EvalTransform",
@@ -82,6 +84,7 @@ __all__ = [
     "PretrainTransform",
     "RandAugment",
     "ResumableBatchSampler",
+    "ResumableLoader",
     "SegmentationBatch",
     "SegmentationDataset",
     "SegmentationTestTransform",

@@ -33,23 +33,15 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 
+from .batches import PretrainBatch, ResumableLoader
 from .datasets import FlatImageDataset, ImageDataset, ImageFolderDataset, SkippedImage, to_rgb
-from .loader import (
-    _STATE_VERSION,
-    BatchKey,
-    PretrainBatch,
-    ResumableBatchSampler,
-    _seed_sequence,
-    _SeededDraws,
-    record_skipped,
-)
 from .masking import MaskingGenerator
+from .sampling import BatchKey, ResumableBatchSampler
 from .transforms import PretrainTransform
 
 try:
@@ -117,7 +109,8 @@ def _jitter_factors(params: dict) -> tuple[float, float, float]:
 
 
 class DaliInputs:
-    """The Python side of the pipeline: an endless stream of input batches, in sampler order.
+    """The Python side of the pipeline: an endless stream of input batches, in sampler order,
+    from batch ``start_batch`` of ``epoch`` on.
 
     Each ``next()`` gives one batch of ``(encoded bytes, roi_start, roi_end, brightness,
     contrast, saturation)``, and queues its :class:`BatchKey`, mask indices and skipped files
@@ -130,27 +123,19 @@ class DaliInputs:
         transform: PretrainTransform,
         masking: MaskingGenerator,
         sampler: ResumableBatchSampler,
-        seed: int,
         epoch: int,
         start_batch: int,
     ) -> None:
-        self.dataset, self.transform, self.masking = dataset, transform, masking
-        self.sampler, self.seed = sampler, seed
+        self.dataset, self.transform, self.masking, self.sampler = dataset, transform, masking, sampler
         self.pending: deque[tuple[BatchKey, torch.Tensor, list[SkippedImage]]] = deque()
-        self._keys = self._key_stream(epoch, start_batch)
-
-    def _key_stream(self, epoch: int, start_batch: int) -> Iterator[BatchKey]:
-        while True:
-            self.sampler.set_position(epoch, start_batch)
-            yield from iter(self.sampler)
-            epoch, start_batch = epoch + 1, 0
+        self._keys = sampler.key_stream(epoch, start_batch)
 
     def __iter__(self) -> DaliInputs:
         return self
 
     def sample(self, index: int, epoch: int) -> tuple[np.ndarray, dict, int, np.ndarray]:
         """One sample's bytes, drawn parameters, image width and mask, seeded as the CPU path."""
-        with _SeededDraws(_seed_sequence(self.seed, epoch, index)) as rng:
+        with self.sampler.sample_draws(epoch, index) as rng:
             (encoded, (width, height)), _ = self.dataset.first_valid(
                 index, lambda i: read_encoded(self.dataset.path(i))
             )
@@ -184,8 +169,8 @@ def _jitter(view, brightness, contrast, saturation, grey_mean):
     return dali_math.clamp(grey + (view - grey) * saturation, 0.0, 255.0)
 
 
-class DaliPretrainLoader:
-    """The pretraining loader on DALI, with the interface of ``loader.Loader``.
+class DaliPretrainLoader(ResumableLoader):
+    """The pretraining loader on DALI (see :class:`~.batches.ResumableLoader`).
 
     Args:
         dataset: an :class:`ImageFolderDataset` or :class:`FlatImageDataset` (files on disk).
@@ -227,37 +212,25 @@ class DaliPretrainLoader:
         self.device = torch.device("cuda" if device is None else device)
         if self.device.type != "cuda":
             raise ValueError(f"DaliPretrainLoader: argument 'device' must be a CUDA device; got {self.device}")
-        self.dataset, self.transform, self.masking, self.seed = dataset, transform, masking, seed
-        self.sampler = ResumableBatchSampler(
-            len(dataset), batch_size, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        super().__init__(
+            ResumableBatchSampler(
+                len(dataset), batch_size, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed
+            )
         )
+        self.dataset, self.transform, self.masking = dataset, transform, masking
         self.options = {
             "num_threads": num_threads,
             "prefetch_queue_depth": prefetch_queue_depth,
             "hw_decoder_load": hw_decoder_load,
         }
-        self.epoch = 0
-        self.batches_consumed = 0
-        self.num_skipped = 0
-        self.skipped: list[SkippedImage] = []
         self._pipeline = None
         self._inputs: DaliInputs | None = None
         self._stream_position: tuple[int, int] | None = None
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def batch_size(self) -> int:
-        return self.sampler.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.batches_consumed = epoch, 0
-
     def _build(self) -> None:
         """A pipeline whose input stream starts at the current position."""
         self._inputs = DaliInputs(
-            self.dataset, self.transform, self.masking, self.sampler, self.seed, self.epoch, self.batches_consumed
+            self.dataset, self.transform, self.masking, self.sampler, self.epoch, self.batches_consumed
         )
         device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         pipeline = dali.Pipeline(
@@ -319,45 +292,20 @@ class DaliPretrainLoader:
         return out
 
     def __iter__(self) -> Iterator[PretrainBatch]:
-        if self.batches_consumed >= len(self):
-            self.set_epoch(self.epoch + 1)
-        if self._pipeline is None or self._stream_position != (self.epoch, self.batches_consumed):
+        position = self.sampler.start()
+        if self._pipeline is None or self._stream_position != position:
             self._build()
-        while self.batches_consumed < len(self):
+        while not self.sampler.epoch_done:
             student, tokenizer = self._pipeline.run()
             key, masks, skipped = self._inputs.pending.popleft()
             assert (key.epoch, key.batch) == (self.epoch, self.batches_consumed), "DALI stream out of step"
             if skipped:
-                record_skipped(self, skipped)
+                self.record_skipped(skipped)
             batch = PretrainBatch(
                 self._to_torch(student), self._to_torch(tokenizer), masks.to(self.device, non_blocking=True)
             )
-            self.batches_consumed += 1
+            self.sampler.advance()
             self._stream_position = (self.epoch, self.batches_consumed)
             yield batch
         self.set_epoch(self.epoch + 1)
         self._stream_position = (self.epoch, 0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": _STATE_VERSION,
-            "epoch": self.epoch,
-            "batches_consumed": self.batches_consumed,
-            "seed": self.seed,
-            "num_samples": len(self.dataset),
-            "num_replicas": self.sampler.sampler.num_replicas,
-            "rank": self.sampler.sampler.rank,
-            "batch_size": self.batch_size,
-            "num_skipped": self.num_skipped,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        for key in ("version", "seed", "num_samples", "num_replicas", "batch_size"):
-            if state.get(key) != mine[key]:
-                raise ValueError(
-                    f"DaliPretrainLoader.load_state_dict: cannot resume the data stream exactly: {key} was "
-                    f"{state.get(key)} in the checkpoint and is {mine[key]} now"
-                )
-        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
-        self.num_skipped = int(state.get("num_skipped", 0))

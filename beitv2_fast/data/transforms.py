@@ -28,6 +28,9 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from .color import color_jitter
+from .decode import CropDecoded
+
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
@@ -47,6 +50,16 @@ def interpolation_mode(name: str) -> v2.InterpolationMode:
         return _INTERPOLATIONS[name]
     except KeyError:
         raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}; got {name!r}") from None
+
+
+_PIL_RESAMPLING = {
+    v2.InterpolationMode.BICUBIC: PIL.Image.Resampling.BICUBIC,
+    v2.InterpolationMode.BILINEAR: PIL.Image.Resampling.BILINEAR,
+    v2.InterpolationMode.LANCZOS: PIL.Image.Resampling.LANCZOS,
+    v2.InterpolationMode.NEAREST: PIL.Image.Resampling.NEAREST,
+    v2.InterpolationMode.HAMMING: PIL.Image.Resampling.HAMMING,
+    v2.InterpolationMode.BOX: PIL.Image.Resampling.BOX,
+}
 
 
 def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -78,7 +91,7 @@ class Normalize:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"Normalize: argument 'images' must be uint8; got {images.dtype}")
-        out = images.to(torch.float32).div_(255.0)
+        out = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)  # HWC views in, CHW out
         if self.mean is not None:
             mean, std = self._statistics(out.device)
             out.sub_(mean).div_(std)
@@ -116,6 +129,9 @@ class PretrainTransform:
         hflip: flip probability.
         mean, std: student normalisation (``--imagenet_default_mean_and_std``).
         uint8_output: return uint8 views and leave the float conversion to :meth:`finish`.
+        fast_decode: the loader decodes each JPEG at the smallest DCT scale that leaves the crop
+            at least as large as both views (``decode.py``); the draws are the same, the pixels
+            differ by resampling noise. Needs a dataset of files.
     """
 
     def __init__(
@@ -132,6 +148,7 @@ class PretrainTransform:
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         uint8_output: bool = False,
+        fast_decode: bool = False,
     ) -> None:
         if not 0 < min_crop_scale <= 1:
             raise ValueError(f"PretrainTransform: argument 'min_crop_scale' must be in (0, 1]; got {min_crop_scale}")
@@ -147,6 +164,12 @@ class PretrainTransform:
         self.student_normalize = Normalize(mean, std)
         self.tokenizer_normalize = Normalize()
         self.uint8_output = uint8_output
+        self.fast_decode = fast_decode
+
+    @property
+    def output_sizes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(height, width) of the student and tokenizer views."""
+        return self.input_size, self.second_input_size
 
     def sample_params(self, width: int, height: int) -> dict:
         """Draw the jitter, flip and crop box of one image of size ``width`` x ``height``.
@@ -160,11 +183,25 @@ class PretrainTransform:
         box = self.crop.make_params([torch.empty((0, height, width), dtype=torch.uint8)])
         return {"jitter": jitter, "flip": flip, "box": box}
 
-    def __call__(self, image: PIL.Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        height, width = F.get_size(image)
-        params = self.sample_params(width, height)
+    def __call__(self, image: PIL.Image.Image | CropDecoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views of an RGB image, or of a :class:`CropDecoded` (``fast_decode``: drawn at decode time)."""
+        if isinstance(image, CropDecoded):
+            params, reduction, full_width = image.params, image.reduction, image.full_size[0]
+            image = image.image
+        else:
+            height, width = F.get_size(image)
+            params, reduction = self.sample_params(width, height), 1
         if params["jitter"] is not None:
-            image = self.jitter.transform(image, params["jitter"])
+            image = color_jitter(image, params["jitter"])
+        if reduction > 1:
+            student, tokenizer = self._reduced_views(image, params, reduction, full_width)
+        else:
+            student, tokenizer = self._views(image, params)
+        if self.uint8_output:
+            return student, tokenizer
+        return self.student_normalize(student), self.tokenizer_normalize(tokenizer)
+
+    def _views(self, image: PIL.Image.Image, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if params["flip"]:
             image = F.horizontal_flip(image)
         box = params["box"]
@@ -176,9 +213,27 @@ class PretrainTransform:
             tokenizer = _to_uint8_tensor(
                 F.resized_crop(image, **box, size=list(self.second_input_size), interpolation=self.second_interpolation)
             )
-        if self.uint8_output:
-            return student, tokenizer
-        return self.student_normalize(student), self.tokenizer_normalize(tokenizer)
+        return student, tokenizer
+
+    def _reduced_views(
+        self, image: PIL.Image.Image, params: dict, reduction: int, full_width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views from an image decoded at 1/``reduction``: the box (drawn on the flipped
+        full-size image) mirrored onto the unflipped image, divided by ``reduction``, resized
+        with a fractional box, and the small views flipped instead of the whole image."""
+        box = params["box"]
+        left = full_width - box["left"] - box["width"] if params["flip"] else box["left"]
+        region = tuple(v / reduction for v in (left, box["top"], left + box["width"], box["top"] + box["height"]))
+        views = []
+        for (height, width), mode in zip(
+            self.output_sizes, (self.interpolation, self.second_interpolation), strict=True
+        ):
+            if views and ((height, width), mode) == (self.input_size, self.interpolation):
+                views.append(views[0])  # the recipe's case: both views the same pixels
+                continue
+            view = image.resize((width, height), _PIL_RESAMPLING[mode], box=region)
+            views.append(_to_uint8_tensor(F.horizontal_flip(view) if params["flip"] else view))
+        return views[0], views[1]
 
     def finish(self, student: torch.Tensor, tokenizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 views (one sample or a batch) to what ``uint8_output=False`` returns."""

@@ -9,8 +9,8 @@
 - ``convert``: official / timm / MMPretrain checkpoints, safetensors export.
 
 ``create_model(name, **kwargs)`` builds the reference's names (``list_models()``); with timm
-installed they are registered with ``timm.create_model`` too, once timm is imported (except the
-names timm already has).
+installed they are registered with ``timm.create_model`` too (``beitv2_fast._timm``; the names
+timm already has as ``beitv2_fast_<name>``).
 """
 
 from . import convert
@@ -22,6 +22,7 @@ from .classifier import (
     prepare_finetune_state_dict,
 )
 from .convert import (
+    BackboneMismatchError,
     CheckpointMismatchError,
     CheckpointReadError,
     UnsafeCheckpointError,
@@ -31,16 +32,15 @@ from .convert import (
 )
 from .pretrain import BEiTForMaskedImageModeling, masked_positions
 from .quantizer import NormEMAVectorQuantizer
-from .registry import create_model, list_models, register_model, register_with_timm_when_available
+from .registry import create_model, list_models, register_model
 from .segmentation import BEiTFeaturePyramid, BEiTUperNet, load_segmentation_checkpoint, segmentation_loss
 from .teachers import CLIPTeacher, DINOTeacher, HOGTeacher, Teacher, build_teacher
 from .vit import BEiT, BEiTBackbone, get_num_layer_for_vit, resample_abs_pos_embed, resize_rel_pos_bias_table
 from .vqkd import VQKD
 
-register_with_timm_when_available()
-
 __all__ = [
     "BEiT",
+    "BackboneMismatchError",
     "BEiTBackbone",
     "BEiTFeaturePyramid",
     "BEiTForMaskedImageModeling",

@@ -10,6 +10,7 @@ released fine-tuned checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -17,7 +18,13 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from .convert import fill_derived_buffers, load_state_dict_file, unwrap_state_dict
+from .convert import (
+    PRETRAINING_ONLY_PREFIXES,
+    check_backbone_weights,
+    fill_derived_buffers,
+    load_state_dict_file,
+    select_weights,
+)
 from .registry import register_model
 from .vit import (
     NUM_CLS_TABLE_ENTRIES,
@@ -29,71 +36,83 @@ from .vit import (
     trunc_normal_,
 )
 
+log = logging.getLogger("beitv2_fast")
+
 FINETUNE_DEFAULTS = {
     "qkv_bias": True,
     "use_rel_pos_bias": True,
     "use_abs_pos_emb": False,
-    "use_mean_pooling": True,
     "init_scale": 0.001,
     "num_classes": 1000,
 }
+
+
+def _cfg(img_size: int = 224) -> dict:
+    """timm's ``pretrained_cfg`` of a classifier: input, preprocessing, head (no weights: local files only,
+    read by ``BEiT.load_pretrained``, hence ``custom_load``)."""
+    return {
+        "num_classes": 1000, "input_size": (3, img_size, img_size), "pool_size": None, "fixed_input_size": True,
+        "crop_pct": 0.9 if img_size == 224 else 1.0, "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj",
+        "classifier": "head", "license": "mit", "custom_load": True,
+    }  # fmt: skip
 
 
 def _finetune_model(size: dict, kwargs: dict, *, init_values: float = 0.1, **arch) -> BEiT:
     return BEiT(**{**FINETUNE_DEFAULTS, "init_values": init_values, **size, **arch, **kwargs})
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_tiny_patch16_224(**kwargs) -> BEiT:
     return _finetune_model(SIZES["tiny"], kwargs, patch_size=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_small_patch16_224(**kwargs) -> BEiT:
     return _finetune_model(SIZES["small"], kwargs, patch_size=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_base_patch16_224(**kwargs) -> BEiT:
     return _finetune_model(SIZES["base"], kwargs, patch_size=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg(256))
 def beit_base_patch16_256(**kwargs) -> BEiT:
     return _finetune_model(SIZES["base"], kwargs, patch_size=16, img_size=256)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg(384))
 def beit_base_patch16_384(**kwargs) -> BEiT:
     return _finetune_model(SIZES["base"], kwargs, patch_size=16, img_size=384)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_24x544_patch16_224(**kwargs) -> BEiT:
     return _finetune_model({"embed_dim": 544, "depth": 24, "num_heads": 16}, kwargs, patch_size=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_large_patch16_224(**kwargs) -> BEiT:
     return _finetune_model(SIZES["large"], kwargs, init_values=1e-5, patch_size=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg(384))
 def beit_large_patch16_384(**kwargs) -> BEiT:
     return _finetune_model(SIZES["large"], kwargs, init_values=1e-5, patch_size=16, img_size=384)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg(512))
 def beit_large_patch16_512(**kwargs) -> BEiT:
     return _finetune_model(SIZES["large"], kwargs, init_values=1e-5, patch_size=16, img_size=512)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_huge_patch14_224(**kwargs) -> BEiT:
     return _finetune_model(SIZES["huge"], kwargs, init_values=1e-5, patch_size=14)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg())
 def beit_giant_patch14_224(**kwargs) -> BEiT:
     giant = {"embed_dim": 1408, "depth": 40, "num_heads": 16, "mlp_ratio": 6144 / 1408}
     return _finetune_model(giant, kwargs, init_values=1e-5, patch_size=14)
@@ -115,19 +134,30 @@ def expand_shared_rel_pos_bias(state_dict: Mapping[str, torch.Tensor], num_layer
     return out
 
 
-def prepare_finetune_state_dict(model: BEiT, checkpoint, *, model_key: str = "model|module") -> dict[str, torch.Tensor]:
-    """The reference's ``run_class_finetuning.py`` checkpoint preparation, for ``model``.
+def prepare_finetune_state_dict(
+    model: BEiT, checkpoint, *, model_key: str = "model|module", model_prefix: str = "", model_filter_name: str = ""
+) -> dict[str, torch.Tensor]:
+    """The reference's ``run_class_finetuning.py`` checkpoint preparation, for ``model``, checked.
 
-    Unwraps the first of ``model_key`` (``|``-separated) present; drops ``head.*`` when its shape
-    differs (another number of classes); expands a shared relative position table into per-block
-    tables when the model has those; drops ``relative_position_index`` entries (the model's are
-    used); resizes relative position tables to the model's patch grid (the reference's
-    geometric-progression bicubic resampling) and ``pos_embed`` (bicubic).
+    Chooses the weights with the reference's selectors (:func:`~beitv2_fast.models.convert.select_weights`:
+    ``model_key``, ``model_prefix``, ``model_filter_name``; every layout :func:`load_checkpoint`
+    reads, MMPretrain's included); drops ``head.*`` when its shape differs (another number of
+    classes); expands a shared relative position table into per-block tables when the model has
+    those; drops ``relative_position_index`` entries (the model's are used); resizes relative
+    position tables to the model's patch grid (the reference's geometric-progression bicubic
+    resampling) and ``pos_embed`` (bicubic).
+
+    Raises:
+        BackboneMismatchError: the weights would leave part of the backbone as initialised (see
+            :func:`~beitv2_fast.models.convert.check_backbone_weights`); one line naming the file.
     """
+    source = "given as a state dict"
     if isinstance(checkpoint, (str, os.PathLike)):
+        source = repr(os.fspath(checkpoint))
         checkpoint = load_state_dict_file(checkpoint, unwrap=False)
-    state_dict = next((checkpoint[k] for k in model_key.split("|") if k in checkpoint), checkpoint)
-    state_dict = dict(unwrap_state_dict(state_dict))
+    state_dict = select_weights(
+        checkpoint, model_key=model_key, model_prefix=model_prefix, model_filter_name=model_filter_name, source=source
+    )
     own = model.state_dict()
     for key in ("head.weight", "head.bias"):
         if key in state_dict and (key not in own or state_dict[key].shape != own[key].shape):
@@ -146,14 +176,42 @@ def prepare_finetune_state_dict(model: BEiT, checkpoint, *, model_key: str = "mo
         and state_dict["pos_embed"].shape != model.pos_embed.shape
     ):
         state_dict["pos_embed"] = resample_abs_pos_embed(state_dict["pos_embed"], grid)
-    return fill_derived_buffers(model, state_dict)
+    state_dict = fill_derived_buffers(model, state_dict)
+    check_backbone_weights(model, state_dict, source)
+    return state_dict
 
 
-def load_for_finetuning(model: BEiT, checkpoint, *, model_key: str = "model|module"):
-    """Load a pretraining (or fine-tuned) checkpoint into a fine-tuning model, non-strictly as the
-    reference does (``mask_token``, ``lm_head``, ``cls_pt_layers``, ``norm`` of a MIM checkpoint go
-    unused; a new head stays as initialised). Returns ``(missing_keys, unexpected_keys)``."""
-    return model.load_state_dict(prepare_finetune_state_dict(model, checkpoint, model_key=model_key), strict=False)
+def load_for_finetuning(
+    model: BEiT, checkpoint, *, model_key: str = "model|module", model_prefix: str = "", model_filter_name: str = ""
+):
+    """Load a pretraining (or fine-tuned) checkpoint into a fine-tuning model, as the reference does
+    (``mask_token``, ``lm_head``, ``cls_pt_layers``, ``norm`` of a MIM checkpoint go unused; a new
+    head stays as initialised), but never silently: a file that does not give the whole backbone
+    raises :class:`~beitv2_fast.models.convert.BackboneMismatchError` (see
+    :func:`prepare_finetune_state_dict`). Returns ``(missing_keys, unexpected_keys)``: what starts
+    as initialised, and what was left out."""
+    state_dict = prepare_finetune_state_dict(
+        model, checkpoint, model_key=model_key, model_prefix=model_prefix, model_filter_name=model_filter_name
+    )
+    result = model.load_state_dict(state_dict, strict=False)
+    on_purpose = [k for k in result.unexpected_keys if k.startswith(PRETRAINING_ONLY_PREFIXES)]
+    others = [k for k in result.unexpected_keys if k not in on_purpose]
+    log.info(
+        "fine-tuning weights: %d loaded; initialised anew: %s; left out on purpose (pretraining heads, tokenizer): "
+        "%s; left out, not in the model: %s",
+        len(state_dict) - len(result.unexpected_keys), _modules(result.missing_keys), _modules(on_purpose),
+        _modules(others),
+    )  # fmt: skip
+    return result
+
+
+def _modules(keys: list[str]) -> str:
+    """``lm_head.weight, lm_head.bias, cls_pt_layers.0.norm1.weight`` as ``lm_head, cls_pt_layers.0``."""
+    names = []
+    for key in keys:
+        parts = key.split(".")
+        names.append(".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0])
+    return ", ".join(dict.fromkeys(names)) or "none"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,7 +263,7 @@ class LinearProbe(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled, normalised frozen feature ``[B, D]``."""
         with torch.no_grad():
-            tokens = self.backbone.forward_intermediates(x, [self.block])[0]
+            tokens = self.backbone.intermediate_tokens(x, [self.block])[0]
             pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(1)
             return self.feature_norm(pooled)
 

@@ -18,6 +18,7 @@ Nothing is downloaded: a URL is refused with a message saying so.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -29,8 +30,15 @@ import torch
 import torch.nn as nn
 
 WRAPPER_KEYS = ("model", "module", "state_dict")
+# The only non-container objects in the reference's training checkpoints: ``utils.save_model`` stores
+# the script's ``args`` (an ``argparse.Namespace`` of numbers, strings, tuples and None) next to the
+# state dicts of the model, the EMA model, the optimizer and the loss scaler (VQ-KD, pretraining and
+# fine-tuning alike); deepspeed's ``module`` files hold only containers, ``torch.Size`` and sets.
+TRUSTED_CHECKPOINT_GLOBALS = (argparse.Namespace,)
 # Entries of the reference's VQ-KD training checkpoints that a tokenizer does not hold.
 VQKD_DROPPED_PREFIXES = ("loss", "teacher", "scaling")
+# MMPretrain's BEiT v2 algorithm holds its VQ-KD tokenizer under this prefix.
+TOKENIZER_PREFIX = "target_generator."
 
 
 class CheckpointMismatchError(ValueError):
@@ -43,6 +51,15 @@ class CheckpointMismatchError(ValueError):
             if keys:
                 lines.append(f"  {len(keys)} {title} key(s): " + ", ".join(keys))
         super().__init__("\n".join(lines))
+
+
+class BackboneMismatchError(CheckpointMismatchError):
+    """A fine-tuning checkpoint that would leave (part of) the backbone as initialised: one line
+    naming the file and what does not fit."""
+
+    def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        ValueError.__init__(self, message)
 
 
 class CheckpointReadError(ValueError):
@@ -85,7 +102,9 @@ def load_state_dict_file(path: str | os.PathLike, *, unwrap: bool = True, map_lo
     """Read a checkpoint file without executing pickled code.
 
     ``.safetensors`` through safetensors, TorchScript archives through ``torch.jit.load`` (their
-    ``state_dict()``), anything else with ``torch.load(weights_only=True)``. With ``unwrap``, the
+    ``state_dict()``), anything else with ``torch.load(weights_only=True)``, which also admits the
+    ``argparse.Namespace`` the reference's training scripts save as ``args`` (and nothing else that
+    is not a tensor, number, string or container). With ``unwrap``, the
     state dict is taken out of ``model``/``module``/``state_dict`` wrappers.
 
     Raises:
@@ -111,13 +130,14 @@ def load_state_dict_file(path: str | os.PathLike, *, unwrap: bool = True, map_lo
                 warnings.simplefilter("ignore", FutureWarning)
                 obj = dict(torch.jit.load(path, map_location=map_location).state_dict())
         else:
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            with torch.serialization.safe_globals(list(TRUSTED_CHECKPOINT_GLOBALS)):
+                obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # only the file is read here: whatever fails, the file is the cause
         names = re.findall(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else []
         if names:
             raise UnsafeCheckpointError(
                 f"refusing to load {path!r}: it is a pickle that would import {', '.join(dict.fromkeys(names))}, "
-                "which can run code; only tensors, numbers, strings and containers are read "
+                "which can run code; only tensors, numbers, strings, containers and argparse.Namespace are read "
                 "(torch.load(weights_only=True)). If you trust the file, convert it to safetensors yourself."
             ) from None
         first_line = (str(exc).strip().splitlines() or [""])[0]
@@ -160,6 +180,19 @@ def fill_derived_buffers(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     return out
 
 
+def to_official_layout(state_dict: Mapping[str, torch.Tensor], layout: str = "auto") -> dict[str, torch.Tensor]:
+    """A state dict in our (the official) names: ``layout`` is ``"auto"`` (MMPretrain is recognised
+    by its ``backbone.``/``layers.N.ln1`` names), ``"official"`` (also timm and our own files) or
+    ``"mmpretrain"``."""
+    if layout == "auto":
+        layout = "mmpretrain" if is_mmpretrain_layout(state_dict) else "official"
+    if layout == "mmpretrain":
+        return from_mmpretrain(state_dict)
+    if layout != "official":
+        raise ValueError(f"layout must be 'auto', 'official' or 'mmpretrain'; got {layout!r}")
+    return dict(state_dict)
+
+
 def load_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True, layout: str = "auto"):
     """Load an official, timm, MMPretrain or beitv2-fast checkpoint into ``model``.
 
@@ -178,18 +211,135 @@ def load_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True, layout
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = load_state_dict_file(checkpoint)
-    state_dict = dict(unwrap_state_dict(checkpoint))
-    if layout == "auto":
-        layout = "mmpretrain" if is_mmpretrain_layout(state_dict) else "official"
-    if layout == "mmpretrain":
-        state_dict = from_mmpretrain(state_dict)
-    elif layout != "official":
-        raise ValueError(f"layout must be 'auto', 'official' or 'mmpretrain'; got {layout!r}")
+    state_dict = to_official_layout(unwrap_state_dict(checkpoint), layout)
+    tokenizer = {k[len(TOKENIZER_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(TOKENIZER_PREFIX)}
     if hasattr(model, "quantize") and hasattr(model, "encode_task_layer"):  # a VQ-KD tokenizer
+        state_dict = tokenizer or state_dict  # MMPretrain's pretraining file holds the tokenizer too
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(VQKD_DROPPED_PREFIXES)}
+    else:  # the student of such a file does not hold its tokenizer
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(TOKENIZER_PREFIX)}
     state_dict = fill_derived_buffers(model, state_dict)
     check_state_dict(model, state_dict, strict=strict)
     return model.load_state_dict(state_dict, strict=strict)
+
+
+# ------------------------------------------------------------------------------------------------
+# A backbone for fine-tuning
+# ------------------------------------------------------------------------------------------------
+# Entries of pretraining (and tokenizer) checkpoints that a fine-tuning model leaves out on purpose:
+# the MIM heads (mask token, LM head, patch aggregation blocks, their norm) and MMPretrain's tokenizer.
+PRETRAINING_ONLY_PREFIXES = ("mask_token", "lm_head.", "cls_pt_layers.", "norm.", TOKENIZER_PREFIX)
+# The backbone (``BEiTBackbone``'s own weights), which a fine-tuning checkpoint must give in full;
+# what a model adds to it (classifier, final norms, a feature pyramid) may start as initialised.
+BACKBONE_PREFIXES = ("cls_token", "mask_token", "pos_embed", "patch_embed.", "rel_pos_bias.", "blocks.")
+
+
+def _listed(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def select_weights(
+    checkpoint,
+    *,
+    model_key: str = "model|module",
+    model_prefix: str = "",
+    model_filter_name: str = "",
+    source: str = "the checkpoint",
+) -> dict[str, torch.Tensor]:
+    """The weights a fine-tuning run starts from, chosen as the reference's fine-tuning script does,
+    in our names.
+
+    Args:
+        checkpoint: an already read file (:func:`load_state_dict_file` with ``unwrap=False``).
+        model_key: ``|``-separated keys; the first present holds the state dict (e.g.
+            ``model|module|model_ema``); none present: the checkpoint itself (then unwrapped from
+            ``state_dict``, as MMPretrain saves).
+        model_prefix: keep only the keys under this prefix, without it (the reference's
+            ``--model_prefix``, e.g. ``module.``).
+        model_filter_name: keep only the keys of this submodule, without its name: ``encoder``
+            takes the VQ-KD encoder as the backbone (the reference's ``--model_filter_name``).
+        source: the file's name, for the errors.
+
+    Raises:
+        BackboneMismatchError: the prefix or filter matches no key.
+    """
+    state_dict = checkpoint
+    if isinstance(checkpoint, Mapping):
+        state_dict = next((checkpoint[k] for k in model_key.split("|") if k in checkpoint), checkpoint)
+    state_dict = unwrap_state_dict(state_dict)
+    if not isinstance(state_dict, Mapping):
+        raise BackboneMismatchError(f"checkpoint {source} holds no state dict (a {type(state_dict).__name__})")
+    if model_prefix:
+        state_dict = _keys_under(state_dict, model_prefix, "--model-prefix", source)
+    state_dict = to_official_layout(state_dict)  # before the filter: it names our submodules
+    if model_filter_name:
+        state_dict = _keys_under(state_dict, model_filter_name.rstrip(".") + ".", "--model-filter-name", source)
+    return state_dict
+
+
+def _keys_under(state_dict: Mapping[str, torch.Tensor], prefix: str, option: str, source: str) -> dict:
+    kept = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not kept:
+        raise BackboneMismatchError(
+            f"checkpoint {source}: no key starts with {prefix!r} ({option}); its keys begin with "
+            + _listed(sorted({k.split(".")[0] for k in state_dict}))
+        )
+    return kept
+
+
+def check_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Check that ``state_dict`` gives ``model`` its whole backbone.
+
+    Only what the model adds to the backbone (:data:`BACKBONE_PREFIXES`) may be missing: the
+    classifier, the final norms, a feature pyramid start as initialised.
+
+    Raises:
+        BackboneMismatchError: (one line naming ``source``) no key matches the model, blocks or other
+            backbone weights are missing, the checkpoint has blocks the model lacks, or shapes differ.
+    """
+    own = model.state_dict()
+    depth = model.get_num_layers()
+    matched = [k for k in state_dict if k in own and not k.endswith("relative_position_index")]
+    missing = [k for k in own if k not in state_dict and k.startswith(BACKBONE_PREFIXES)]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})"
+        for k, v in state_dict.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    name = type(model).__name__
+    if not [k for k in matched if k.startswith(BACKBONE_PREFIXES)]:
+        raise BackboneMismatchError(
+            f"checkpoint {source}: none of its {len(state_dict)} keys is a weight of the {name} backbone "
+            f"(they begin with {_listed(sorted({k.split('.')[0] for k in state_dict}))}); a VQ-KD tokenizer "
+            "needs --model-filter-name encoder, a differently wrapped file --model-key or --model-prefix",
+            missing,
+            unexpected,
+        )
+    if mismatched:
+        raise BackboneMismatchError(
+            f"checkpoint {source}: {len(mismatched)} weight(s) have other shapes than the {name}: "
+            f"{_listed(mismatched, 3)} (another model size?)",
+            missing,
+            unexpected,
+            mismatched,
+        )
+    checkpoint_blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    absent_blocks = sorted(set(range(depth)) - checkpoint_blocks)
+    if absent_blocks or max(checkpoint_blocks, default=-1) >= depth:
+        raise BackboneMismatchError(
+            f"checkpoint {source} has {len(checkpoint_blocks)} block(s), the {name} {depth}: "
+            "another depth (--model-kwargs depth=...)?",
+            missing,
+            unexpected,
+        )
+    if missing:
+        raise BackboneMismatchError(
+            f"checkpoint {source} lacks {len(missing)} backbone weight(s) of the {name}: {_listed(missing, 50)}",
+            missing,
+            unexpected,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,12 +415,13 @@ def is_mmpretrain_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
 def to_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (official) names to MMPretrain's (``BEiTViT``/``BEiTPretrainViT`` backbone, ``BEiTV2Neck``,
     ``BEiTV2Head``, ``LinearClsHead``, the VQKD target generator). MMPretrain publishes no converter:
-    the mapping follows its module names. Index buffers (rebuilt by MMPretrain), the tokenizer's
-    decoder and the unused EMA parameters (absent from MMPretrain's VQKD) are left out."""
+    the mapping follows its module names. ``relative_position_index`` buffers are kept (persistent
+    buffers in MMPretrain, whose ``strict=True`` load needs them); the tokenizer's decoder and the
+    unused EMA parameters (absent from MMPretrain's VQKD) are left out."""
     renames = _top_renames("lm_head.weight" in state_dict)
     out = {}
     for key, value in state_dict.items():
-        if key.endswith("relative_position_index") or key.startswith(("decoder.", "decode_task_layer.")):
+        if key.startswith(("decoder.", "decode_task_layer.")):
             continue
         if key in ("quantize.embedding.cluster_size", "quantize.embedding.embed_avg"):
             continue
@@ -279,16 +430,21 @@ def to_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def from_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MMPretrain's names back to ours (see :func:`to_mmpretrain`); the pretraining algorithm's
-    ``target_generator.*`` and ``data_preprocessor.*`` entries are dropped. A VQKD file from
-    MMPretrain holds no decoder: load it with ``strict=False`` (encoder, quantizer and
-    ``encode_task_layer`` are all a tokenizer needs)."""
+    """MMPretrain's names back to ours (see :func:`to_mmpretrain`). The pretraining algorithm's
+    tokenizer, ``target_generator.*``, is kept under that prefix with our VQ-KD names (a
+    :class:`~beitv2_fast.models.vqkd.VQKD` loads it from the same file through
+    :func:`load_checkpoint`); ``data_preprocessor.*`` entries and index buffers (derived) are
+    dropped. A VQKD file from MMPretrain holds no decoder: load it with ``strict=False`` (encoder,
+    quantizer and ``encode_task_layer`` are all a tokenizer needs)."""
+    tokenizer = {k[len(TOKENIZER_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(TOKENIZER_PREFIX)}
     renames = _top_renames("head.cls_head.weight" in state_dict)
     out = {}
     for key, value in state_dict.items():
-        if key.startswith(("target_generator.", "data_preprocessor.")) or key.endswith("relative_position_index"):
+        if key.startswith((TOKENIZER_PREFIX, "data_preprocessor.")) or key.endswith("relative_position_index"):
             continue
         out[_rename_block_part(_rename(key, renames, True), True)] = value
+    if tokenizer:
+        out.update({TOKENIZER_PREFIX + k: v for k, v in from_mmpretrain(tokenizer).items()})
     # MMPretrain's EmbeddingEMA drops these two unused parameters; the reference layout has them.
     if "quantize.embedding.weight" in out:
         out.setdefault("quantize.embedding.cluster_size", torch.zeros(out["quantize.embedding.weight"].shape[0]))

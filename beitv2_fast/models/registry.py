@@ -1,31 +1,44 @@
-"""Model names: ``create_model(name, **kwargs)`` for the reference's names (and a few more), also
-registered with ``timm.create_model`` when timm is installed.
+"""Model names: ``create_model(name, **kwargs)`` for the reference's names (and a few more).
 
-timm is optional, and importing it takes seconds, so it is not imported here: the names are
-registered as soon as timm is imported (now, if it already is). Names timm already defines
-(``beit_base_patch16_224``, ``beit_large_patch16_224``, ...: the same architecture as ours) are
-left to timm there; ``create_model`` here always builds ours.
+They are registered with ``timm.create_model`` too (``beitv2_fast._timm``), as soon as both
+``beitv2_fast`` and timm are imported. Names timm already defines (``beit_base_patch16_224``,
+``beit_large_patch16_224``, ...) give timm's model there and ours under ``beitv2_fast_<name>``;
+``create_model`` here always builds ours.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-import importlib.abc
-import importlib.util
-import sys
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 
-__all__ = ["create_model", "list_models", "register_model", "register_with_timm", "register_with_timm_when_available"]
+__all__ = ["create_model", "list_models", "pretrained_cfg_of", "register_model"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_PRETRAINED_CFGS: dict[str, dict] = {}
 
 
-def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``factory`` under its function name (a decorator)."""
-    _MODELS[factory.__name__] = factory
-    return factory
+def register_model(factory: Callable[..., nn.Module] | None = None, *, pretrained_cfg: dict | None = None):
+    """Register ``factory`` under its function name (a decorator, also as
+    ``@register_model(pretrained_cfg=...)``: timm's description of the input and the head, which the
+    built model carries as ``pretrained_cfg``)."""
+
+    def register(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _MODELS[factory.__name__] = factory
+        if pretrained_cfg is not None:
+            _PRETRAINED_CFGS[factory.__name__] = {**pretrained_cfg, "architecture": factory.__name__}
+        return factory
+
+    return register if factory is None else register(factory)
+
+
+def pretrained_cfg_of(name: str) -> dict | None:
+    """The timm ``pretrained_cfg`` of a registered name (classifiers only), or None."""
+    cfg = _PRETRAINED_CFGS.get(name)
+    return dict(cfg) if cfg is not None else None
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -44,7 +57,9 @@ def create_model(name: str, pretrained: bool = False, pretrained_weight: str | N
             weights are never downloaded.
         pretrained_weight: a local checkpoint (official, timm, MMPretrain or ours), loaded with
             ``strict=True`` through :func:`beitv2_fast.models.convert.load_checkpoint`.
-        **kwargs: the model's constructor arguments, overriding the name's defaults.
+        **kwargs: the model's constructor arguments, overriding the name's defaults; also
+            ``device`` and ``dtype`` (the model is built on that device, then cast), and the
+            reference's ``drop_block_rate=None`` (ignored: BEiT has no DropBlock).
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
@@ -53,62 +68,17 @@ def create_model(name: str, pretrained: bool = False, pretrained_weight: str | N
         raise ValueError(
             f"pretrained=True for {name!r} needs pretrained_weight=<local file>: beitv2-fast never downloads weights"
         )
-    model = _MODELS[name](**kwargs)
+    if kwargs.get("drop_block_rate", 0) is None:
+        del kwargs["drop_block_rate"]  # the reference's fine-tuning script passes timm's DropBlock rate as None
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _MODELS[name](**kwargs)
+    if dtype is not None:
+        model.to(dtype)
+    if name in _PRETRAINED_CFGS:
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg_of(name)
     if pretrained_weight is not None:
         from .convert import load_checkpoint
 
         load_checkpoint(model, pretrained_weight, strict=True)
     return model
-
-
-def register_with_timm() -> list[str]:
-    """Register every name timm does not already define with ``timm.create_model``; returns them."""
-    from timm.models import _registry
-
-    module = sys.modules[__name__]
-    added = []
-    for name in list_models():
-        if _registry.is_model(name):
-            continue
-
-        def entry(
-            pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, _name=name, **kwargs
-        ):
-            return create_model(_name, pretrained=pretrained, **kwargs)
-
-        entry.__name__ = entry.__qualname__ = name
-        entry.__module__ = __name__
-        setattr(module, name, entry)
-        _registry.register_model(entry)
-        added.append(name)
-    return added
-
-
-class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``timm`` is first imported, it lets the other finders locate it
-    and registers our names once timm's package has run."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "timm":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
-        if spec is None or spec.loader is None:
-            return spec
-        exec_timm = spec.loader.exec_module
-
-        def exec_module(module):
-            exec_timm(module)
-            register_with_timm()
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-def register_with_timm_when_available() -> None:
-    """Register with timm now if it is imported, else as soon as it is (if it is installed)."""
-    if "timm" in sys.modules:
-        register_with_timm()
-    elif importlib.util.find_spec("timm") is not None:
-        if not any(isinstance(f, _RegisterWhenTimmLoads) for f in sys.meta_path):
-            sys.meta_path.insert(0, _RegisterWhenTimmLoads())

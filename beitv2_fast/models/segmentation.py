@@ -90,7 +90,7 @@ class BEiTFeaturePyramid(BEiTBackbone):
         patch = self.patch_embed.patch_size
         grid = (x.shape[-2] // patch[0], x.shape[-1] // patch[1])
         levels = []
-        tokens = self.forward_intermediates(x, self.out_indices)
+        tokens = self.intermediate_tokens(x, self.out_indices)
         for fpn, level in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), tokens, strict=True):
             patches = level[:, 1:].transpose(1, 2).reshape(batch, self.embed_dim, *grid)
             levels.append(fpn(patches))

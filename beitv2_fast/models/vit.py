@@ -17,6 +17,7 @@ Attention runs through ``kernels.relpos_attention`` and the bias is gathered by
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -109,6 +110,8 @@ def resize_rel_pos_bias_table(
         )
     if src_grid == dst_grid:
         return table
+    if table.is_meta:  # a model built on the meta device (shapes only) resizes to the target shape
+        return table.new_empty(num_relative_distances(dst_grid), table.shape[1])
     src_size = (2 * src_grid[0] - 1, 2 * src_grid[1] - 1)
     dst_size = (2 * dst_grid[0] - 1, 2 * dst_grid[1] - 1)
     src_y, src_x = _geometric_offsets(src_size[0], dst_size[0]), _geometric_offsets(src_size[1], dst_size[1])
@@ -160,6 +163,18 @@ def interpolate_pos_encoding(pos_embed: torch.Tensor, src_grid: tuple[int, int],
     scale = ((dst_grid[0] + 0.1) / src_grid[0], (dst_grid[1] + 0.1) / src_grid[1])
     patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic")
     return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+def layer_norm_eps(norm_layer) -> float:
+    """The epsilon of the reference's ``norm_layer`` argument (``nn.LayerNorm`` or a partial of it)."""
+    base = norm_layer.func if isinstance(norm_layer, functools.partial) else norm_layer
+    if base is not nn.LayerNorm or (
+        isinstance(norm_layer, functools.partial) and (norm_layer.args or set(norm_layer.keywords) - {"eps"})
+    ):
+        raise ValueError(
+            f"norm_layer must be nn.LayerNorm or functools.partial(nn.LayerNorm, eps=...); got {norm_layer!r}"
+        )
+    return norm_layer.keywords.get("eps", 1e-5) if isinstance(norm_layer, functools.partial) else 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,6 +396,16 @@ def get_num_layer_for_vit(name: str, num_max_layer: int) -> int:
     return num_max_layer - 1
 
 
+def check_patch_grid(grid: tuple[int, int], window: tuple[int, int] | None) -> None:
+    """Raise if the input's patch grid differs from the relative position tables' (a function of
+    its own so that fx tracing can keep it as one call: timm registers it as not traced)."""
+    if window is not None and tuple(grid) != tuple(window):
+        raise ValueError(
+            f"input patch grid {grid[0]}x{grid[1]} differs from the relative position tables' {window[0]}x"
+            f"{window[1]}; call model.set_input_size(img_size) first to resize them"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
@@ -406,6 +431,8 @@ class BEiTBackbone(nn.Module):
         use_rel_pos_bias: a relative position table in every block.
         use_shared_rel_pos_bias: one relative position table ``rel_pos_bias`` for all blocks.
         use_mask_token: a learnable ``mask_token`` that replaces masked patch embeddings.
+        norm_layer: the reference's way to give ``norm_eps``: ``nn.LayerNorm`` or
+            ``functools.partial(nn.LayerNorm, eps=...)`` (nothing else: every BEiT v2 norm is one).
     """
 
     def __init__(
@@ -430,8 +457,11 @@ class BEiTBackbone(nn.Module):
         use_shared_rel_pos_bias: bool = False,
         use_mask_token: bool = False,
         attn_head_dim: int | None = None,
+        norm_layer: type[nn.LayerNorm] | functools.partial | None = None,
     ):
         super().__init__()
+        if norm_layer is not None:
+            norm_eps = layer_norm_eps(norm_layer)
         if attn_drop_rate:
             raise ValueError(
                 f"attn_drop_rate must be 0: the fused relpos_attention has no attention dropout; got {attn_drop_rate}"
@@ -532,11 +562,7 @@ class BEiTBackbone(nn.Module):
         :meth:`set_input_size` first, which resizes them with the reference's algorithm.
         """
         window = self.rel_pos_bias.window_size if self.rel_pos_bias is not None else self.block_kwargs["window_size"]
-        if window is not None and tuple(grid) != tuple(window):
-            raise ValueError(
-                f"input patch grid {grid[0]}x{grid[1]} differs from the relative position tables' {window[0]}x"
-                f"{window[1]}; call model.set_input_size(img_size) first to resize them"
-            )
+        check_patch_grid(grid, window)
         return self.rel_pos_bias() if self.rel_pos_bias is not None else None
 
     def run_block(self, block: Block, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -544,7 +570,7 @@ class BEiTBackbone(nn.Module):
             return checkpoint(block, x, bias, use_reentrant=False)
         return block(x, bias)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+    def intermediate_tokens(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
         """Tokens ``[B, 1 + N, D]`` (before any final norm) after the blocks in ``indices``
         (0-based; negative counts from the end), in the order given; stops after the last one."""
         depth = len(self.blocks)
@@ -585,7 +611,8 @@ class BEiTBackbone(nn.Module):
 
 
 class BEiT(BEiTBackbone):
-    """BEiT ViT with the fine-tuning head: the reference's ``modeling_finetune.VisionTransformer``.
+    """BEiT ViT with the fine-tuning head: the reference's ``modeling_finetune.VisionTransformer``,
+    with timm's model interface (that of timm's ``Beit``).
 
     Also the VQ-KD encoder and decoder (``num_classes=0``, absolute position embedding, no layer
     scale). Initialised as the reference's fine-tuning model: Linear weights, ``cls_token`` and
@@ -593,18 +620,46 @@ class BEiT(BEiTBackbone):
     the patch convolution keeps PyTorch's default initialisation, ``fix_init_weight`` rescales the
     residual projections, and the head is multiplied by ``init_scale``.
 
+    The forward pass is split as timm's: :meth:`forward_features` gives the tokens
+    ``[B, 1 + N, D]`` (after ``norm``, an Identity with mean pooling), :meth:`forward_head` pools
+    them (``global_pool``), applies ``fc_norm`` and the head; ``forward_features(x,
+    return_patch_tokens, return_all_tokens)`` keeps the reference's options.
+
     Args:
         num_classes: classes of the linear head (0: no head, the pooled features are returned).
-        use_mean_pooling: ``fc_norm`` on the mean of the patch tokens (``norm`` is then Identity);
-            otherwise ``norm`` on all tokens and the class token is used.
+        use_mean_pooling: ``fc_norm`` after pooling (``norm`` is then Identity), otherwise ``norm``
+            on all tokens; default: ``global_pool == "avg"`` (timm's ``use_fc_norm``).
+        global_pool: ``"avg"`` (mean of the patch tokens), ``"token"`` (class token) or ``""`` (no
+            pooling: the head sees every token); default: ``"avg"`` with mean pooling, else ``"token"``.
         init_scale: factor on the initial head weight and bias (0.001).
         **kwargs: the backbone's arguments (:class:`BEiTBackbone`).
     """
 
-    def __init__(self, *, num_classes: int = 1000, use_mean_pooling: bool = True, init_scale: float = 0.001, **kwargs):
+    def __init__(
+        self,
+        *,
+        num_classes: int = 1000,
+        use_mean_pooling: bool | None = None,
+        global_pool: str | None = None,
+        init_scale: float = 0.001,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        if global_pool not in (None, "", "avg", "token"):
+            raise ValueError(f"global_pool must be 'avg', 'token' or ''; got {global_pool!r}")
+        if use_mean_pooling is None:
+            use_mean_pooling = global_pool in (None, "avg")
         dim = self.embed_dim
         self.num_classes = num_classes
+        self.global_pool = ("avg" if use_mean_pooling else "token") if global_pool is None else global_pool
+        self.in_chans = self.patch_embed.proj.in_channels
+        self.head_hidden_size = dim
+        self.num_prefix_tokens = 1
+        self.init_scale = init_scale
+        reduction = self.patch_embed.patch_size[0]
+        self.feature_info = [
+            {"module": f"blocks.{i}", "num_chs": dim, "reduction": reduction} for i in range(len(self.blocks))
+        ]
         self.norm = nn.Identity() if use_mean_pooling else nn.LayerNorm(dim, eps=self.norm_eps)
         self.fc_norm = nn.LayerNorm(dim, eps=self.norm_eps) if use_mean_pooling else None
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -617,42 +672,173 @@ class BEiT(BEiTBackbone):
                 self.head.weight.mul_(init_scale)
                 self.head.bias.mul_(init_scale)
 
-    def reset_classifier(self, num_classes: int, init_scale: float = 0.001) -> None:
-        """A new head for ``num_classes`` (reference initialisation), e.g. for another data set."""
+    # -- the classifier -------------------------------------------------------------------------
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for ``num_classes`` (0: none), initialised as at construction, on the model's
+        device and dtype; ``global_pool`` (``"avg"``, ``"token"``, ``""``) changes the pooling."""
+        if global_pool is not None:
+            if global_pool not in ("", "avg", "token"):
+                raise ValueError(f"global_pool must be 'avg', 'token' or ''; got {global_pool!r}")
+            self.global_pool = global_pool
         self.num_classes = num_classes
-        device = self.cls_token.device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        like = self.cls_token
         if num_classes > 0:
+            self.head = nn.Linear(self.embed_dim, num_classes, device=like.device, dtype=like.dtype)
             trunc_normal_(self.head.weight.data, 0.02, 2.0)
             nn.init.zeros_(self.head.bias)
             with torch.no_grad():
-                self.head.weight.mul_(init_scale)
+                self.head.weight.mul_(self.init_scale)
+        else:
+            self.head = nn.Identity()
+        self.head.train(self.training)
 
+    @torch.jit.ignore
+    def load_pretrained(self, path: str) -> None:
+        """Weights from a local file for timm's ``pretrained=True, pretrained_cfg_overlay=dict(file=...)``:
+        as for fine-tuning, so a head of another class count starts anew (timm's rule)."""
+        from .classifier import load_for_finetuning
+
+        load_for_finetuning(self, path)
+
+    # -- forward --------------------------------------------------------------------------------
     def forward_features(
         self, x: torch.Tensor, return_patch_tokens: bool = False, return_all_tokens: bool = False
     ) -> torch.Tensor:
-        """The reference's ``forward_features``.
+        """timm's ``forward_features``: the tokens ``[B, 1 + N, D]`` after the blocks and ``norm``.
 
-        Returns, with mean pooling: ``fc_norm(mean of patch tokens) [B, D]``, or with
-        ``return_patch_tokens`` ``fc_norm(patch tokens) [B, N, D]``, or with ``return_all_tokens``
-        ``fc_norm(all tokens) [B, 1 + N, D]``. With the class token: ``norm(x)[:, 0]``,
-        ``norm(x)[:, 1:]`` or ``norm(x)``.
+        The reference's options give its outputs instead: the patch tokens
+        (``return_patch_tokens``) or all tokens (``return_all_tokens``) through ``fc_norm`` with mean
+        pooling (through ``norm`` otherwise).
         """
         tokens, grid = self.embed(x)
         bias = self.shared_bias(grid)
         for block in self.blocks:
             tokens = self.run_block(block, tokens, bias)
         tokens = self.norm(tokens)
-        if self.fc_norm is not None:
-            if return_all_tokens:
-                return self.fc_norm(tokens)
-            patches = tokens[:, 1:]
-            return self.fc_norm(patches if return_patch_tokens else patches.mean(1))
-        if return_all_tokens:
+        if not (return_patch_tokens or return_all_tokens):
             return tokens
-        return tokens[:, 1:] if return_patch_tokens else tokens[:, 0]
+        if not return_all_tokens:
+            tokens = tokens[:, self.num_prefix_tokens :]
+        return self.fc_norm(tokens) if self.fc_norm is not None else tokens
 
-    def forward(self, x: torch.Tensor, return_patch_tokens: bool = False, return_all_tokens: bool = False):
-        """Logits ``[B, num_classes]`` (pooled features ``[B, D]`` when ``num_classes == 0``);
-        with ``return_patch_tokens``/``return_all_tokens`` the head is applied to those tokens."""
-        return self.head(self.forward_features(x, return_patch_tokens, return_all_tokens))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens of :meth:`forward_features` (``global_pool``), ``fc_norm``, then the head
+        (skipped with ``pre_logits``)."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        if self.fc_norm is not None:
+            x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` (pooled features ``[B, D]`` when ``num_classes == 0``).
+
+        Only the image, as timm's (fx tracing makes every argument a graph input): the reference's
+        ``forward(x, return_patch_tokens=True)`` is ``head(forward_features(x, return_patch_tokens=True))``.
+        """
+        return self.forward_head(self.forward_features(x))
+
+    # -- intermediate features (timm's and the reference's methods) ----------------------------
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's ``forward_intermediates``: the patch tokens after the blocks in ``indices`` (an int
+        n: the last n blocks; None: all), as ``[B, D, h, w]`` maps (``"NCHW"``) or ``[B, N, D]``
+        (``"NLC"``), through ``norm`` if asked, with the class tokens as ``(map, prefix)`` pairs with
+        ``return_prefix_tokens``. Returns ``(forward_features(x), intermediates)``, or only the
+        intermediates; ``stop_early`` ends the pass at the last index (then the first output is
+        the tokens there, normed, as in timm)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC'; got {output_fmt!r}")
+        take = feature_take_indices(len(self.blocks), indices)
+        end = max(take) if stop_early or intermediates_only else len(self.blocks) - 1
+        tokens = self.intermediate_tokens(x, [*take, end])
+        grid = (x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1])
+        intermediates = []
+        for y in tokens[:-1]:
+            y = self.norm(y) if norm else y
+            prefix, y = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
+            if output_fmt == "NCHW":
+                y = y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+            intermediates.append((y, prefix) if return_prefix_tokens else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(tokens[-1]), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's: drop the blocks after the last of ``indices`` (and the norm, the head); returns the
+        indices kept."""
+        take = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max(take) + 1]
+        self.feature_info = self.feature_info[: len(self.blocks)]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = None
+            self.reset_classifier(0, "")
+        return take
+
+    def get_intermediate_layers(self, x: torch.Tensor, use_last_norm: bool = False) -> list[torch.Tensor]:
+        """The reference's: the tokens ``[B, 1 + N, D]`` after every block (through ``norm``)."""
+        tokens = self.intermediate_tokens(x, list(range(len(self.blocks))))
+        return [self.norm(t) for t in tokens] if use_last_norm else tokens
+
+    def forward_intermediate(self, x: torch.Tensor, layer_id: int | list[int] = 12, norm_output: bool = False):
+        """The reference's: for a list, the patch tokens after those blocks (0-based; through the
+        final norms with ``norm_output``); for an int, the patch tokens entering block ``layer_id``
+        through its ``norm1`` (after the last block, unnormed, when ``layer_id`` is the depth)."""
+        depth = len(self.blocks)
+        if isinstance(layer_id, list):
+            wanted = [i for i in layer_id if 0 <= i < depth]
+            outputs = self.intermediate_tokens(x, wanted) if wanted else []
+            if norm_output:
+                fc_norm = self.fc_norm if self.fc_norm is not None else nn.Identity()
+                return [fc_norm(self.norm(t[:, 1:])) for t in outputs]
+            return [t[:, 1:] for t in outputs]
+        if not 0 <= layer_id:
+            raise ValueError(f"layer_id must be a block index or a list of them; got {layer_id!r}")
+        if layer_id == 0:
+            tokens = self.embed(x)[0]
+        else:
+            tokens = self.intermediate_tokens(x, [min(layer_id, depth) - 1])[0]
+        if layer_id < depth:
+            tokens = self.blocks[layer_id].norm1(tokens)
+        return tokens[:, 1:]
+
+    def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
+        """The reference's: the position embedding for tokens ``x [B, 1 + N, D]`` of an image of
+        ``w x h`` pixels (its last two sizes, in that order), resampled bicubically if needed."""
+        if self.pos_embed is None:
+            raise ValueError("interpolate_pos_encoding: this model has no absolute position embedding")
+        patch = self.patch_embed.patch_size[0]
+        return self.position_embedding((w // patch, h // patch))
+
+
+def feature_take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's rule for intermediate indices: None: every block; an int n: the last n; a list:
+    those blocks (negative counts from the end)."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices: {indices} blocks requested of {depth}")
+        return list(range(depth - indices, depth))
+    taken = [i % depth if -depth <= i < depth else None for i in indices]
+    if None in taken or not taken:
+        raise ValueError(f"indices {list(indices)} out of range for depth {depth}")
+    return taken

@@ -156,6 +156,13 @@ class VQKD(nn.Module):
             "encoder.pos_embed",
         }
 
+    def compile(self, *args, **kwargs) -> None:
+        """``torch.compile`` ``forward`` (tokenizer training) and ``get_codebook_indices``, the entry
+        point a frozen tokenizer is called through (pretraining, ``beitv2 tokenize``):
+        ``nn.Module.compile`` alone wraps only ``forward``, which a frozen tokenizer never runs."""
+        super().compile(*args, **kwargs)
+        self.get_codebook_indices = torch.compile(self.get_codebook_indices, *args, **kwargs)
+
     def get_number_of_tokens(self) -> int:
         return self.quantize.num_tokens
 
@@ -176,7 +183,7 @@ class VQKD(nn.Module):
 
     def _task_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``encode_task_layer`` output ``[B, h, w, C]`` (fp32, autocast off as the reference)."""
-        features = self.encoder(x, return_patch_tokens=True)
+        features = self.encoder.forward_features(x, return_patch_tokens=True)
         weight = self.encode_task_layer[-1].weight
         with torch.autocast(device_type=features.device.type, enabled=False):
             z = self.encode_task_layer(features.to(weight.dtype))
@@ -191,7 +198,7 @@ class VQKD(nn.Module):
 
     def decode(self, quantize: torch.Tensor) -> torch.Tensor:
         """Code map ``[B, C, h, w]`` to the reconstruction ``[B, h*w, decoder_out_dim]``."""
-        return self.decode_task_layer(self.decoder(quantize, return_patch_tokens=True))
+        return self.decode_task_layer(self.decoder.forward_features(quantize, return_patch_tokens=True))
 
     @torch.no_grad()
     def get_codebook_indices(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,8 +207,12 @@ class VQKD(nn.Module):
         The ids of the reference's ``get_tokens`` without its side effect: the quantizer's usage
         statistics are left alone (a frozen tokenizer feeding MIM needs only the lookup, and skips
         an all-reduce per step).
+
+        A tokenizer converted to bf16 (``.to(torch.bfloat16)``: frozen, it needs no fp32 master
+        copy) runs in bf16 end to end: the images are cast to its dtype after ``pre_process``,
+        the task layer and the codebook lookup take bf16 (products accumulate in fp32).
         """
-        z, _ = self._task_features(self.pre_process(x))
+        z, _ = self._task_features(self.pre_process(x).to(self.encoder.cls_token.dtype))
         ids, _ = kernels.codebook_lookup(F.normalize(z, dim=-1), self.quantize.embedding.weight, normalize_input=False)
         return ids.reshape(x.shape[0], -1)
 

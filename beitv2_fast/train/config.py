@@ -75,7 +75,10 @@ class TrainConfig:
     quantize_kmeans_init: bool = _f(True, "k-means initialisation of the codebook on the first batch")
     ema_decay: float = _f(0.99, "codebook EMA decay")
     # -- fine-tuning / linear probing -------------------------------------------------------
-    finetune: str = _f("", "pretrained checkpoint to start from (official, ours or timm layout)")
+    finetune: str = _f("", "pretrained checkpoint to start from (official, ours, timm or MMPretrain layout)")
+    model_key: str = _f("model|module", "--finetune: the first of these keys present holds the weights (|-separated)")
+    model_prefix: str = _f("", "--finetune: use only the keys under this prefix, without it (e.g. module.)")
+    model_filter_name: str = _f("", "--finetune: use only this submodule's keys (encoder: a VQ-KD tokenizer's encoder)")
     nb_classes: int = _f(1000, "number of classes")
     layer_decay: float = _f(1.0, "layer-wise lr decay (0.6-0.65 base, 0.8 large); 1 disables it")
     use_cls: bool = _f(False, "classify from the CLS token instead of mean pooling")
@@ -92,8 +95,17 @@ class TrainConfig:
         "for segmentation); empty: the built-in demo images (segmentation: synthetic scenes)",
     )
     eval_data_dir: str = _f("", "validation folder for fine-tuning and linear probing")
-    num_workers: int = _f(4, "data loader worker processes per rank")
-    data_backend: str = _f("pil", "pil | dali (GPU JPEG decoding, when nvidia-dali is installed)")
+    num_workers: int = _f(
+        -1, "data loader worker processes per rank; -1: the cores available per local rank, less one (logged)"
+    )
+    fast_decode: bool = _f(
+        False,
+        "pretraining: decode each JPEG at the smallest DCT scale that leaves the crop at least as large as the "
+        "views (the same crops and masks; pixels within resampling noise, see the README)",
+    )
+    data_backend: str = _f(
+        "pil", "pil | gpu (batched JPEG decoding by torchvision on the GPU) | dali (when nvidia-dali is installed)"
+    )
     # -- optimisation -----------------------------------------------------------------------
     batch_size: int = _f(128, "images per rank per step")
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step")
@@ -112,7 +124,10 @@ class TrainConfig:
     # -- systems ----------------------------------------------------------------------------
     amp_dtype: str = _f("bfloat16", "bfloat16 | float16 (with a gradient scaler) | float32")
     parallel: str = _f("auto", "auto | fsdp | ddp | none: auto is FSDP2 on GPUs, DDP on CPUs, none for one process")
-    torchcompile: bool = _f(False, "torch.compile each block (and the tokenizer)")
+    torchcompile: bool = _f(False, "torch.compile the student (one graph; per block under DDP/FSDP2) and the tokenizer")
+    cuda_graphs: bool = _f(
+        False, "CUDA graphs of the compiled graphs (torch.compile mode reduce-overhead); needs --torchcompile and a GPU"
+    )
     grad_checkpointing: bool = _f(False, "activation checkpointing per block")
     seed: int = _f(0, "random seed")
     nonfinite: str = _f("stop", "stop | skip: what a non-finite loss or gradient norm does")
@@ -137,7 +152,7 @@ class TrainConfig:
             (self.checkpoint_interval >= 1, "--checkpoint-interval must be at least 1"),
             (self.log_interval >= 1, "--log-interval must be at least 1"),
             (self.eval_interval >= 1, "--eval-interval must be at least 1"),
-            (self.num_workers >= 0, "--num-workers cannot be negative"),
+            (self.num_workers >= -1, "--num-workers must be -1 (from the cores) or at least 0"),
             (self.input_size >= 1, "--input-size must be at least 1"),
             (self.second_input_size >= 1, "--second-input-size must be at least 1"),
             (self.codebook_size >= 1, "--codebook-size must be at least 1"),
@@ -159,15 +174,29 @@ class TrainConfig:
             (self.parallel in ("auto", "fsdp", "ddp", "none"), "--parallel must be auto, fsdp, ddp or none"),
             (self.nonfinite in ("stop", "skip"), "--nonfinite must be stop or skip"),
             (self.teacher in ("clip", "dino", "hog"), "--teacher must be clip, dino or hog"),
-            (self.data_backend in ("pil", "dali"), "--data-backend must be pil or dali"),
+            (self.data_backend in ("pil", "gpu", "dali"), "--data-backend must be pil, gpu or dali"),
+            (
+                not self.fast_decode or (bool(self.data_dir) and self.data_backend == "pil"),
+                "--fast-decode reads JPEG files on the CPU: give --data-dir, with --data-backend pil",
+            ),
+            (
+                self.data_backend == "pil" or bool(self.data_dir),
+                f"--data-backend {self.data_backend} decodes JPEG files: give --data-dir (or use --data-backend pil)",
+            ),
             (self.linprobe_pool in ("mean", "cls"), "--linprobe-pool must be mean or cls"),
             (self.num_mask_patches >= 1, "--num-mask-patches must be at least 1"),
             (0 < self.min_crop_scale <= 1, "--min-crop-scale must lie in (0, 1]"),
             (len(self.opt_betas) == 2, "--opt-betas needs two values"),
+            (not self.cuda_graphs or self.torchcompile, "--cuda-graphs needs --torchcompile (it graphs what compiles)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.cuda_graphs:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("--cuda-graphs needs a CUDA GPU and none is visible; drop --cuda-graphs")
         self._validate_task()
         self._validate_paths()
 

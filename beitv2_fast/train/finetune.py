@@ -35,8 +35,10 @@ def build_classifier(config: TrainConfig) -> torch.nn.Module:
         init_values=config.layer_scale_init_value or None, **config.model_kwargs,
     )  # fmt: skip
     if config.finetune:
-        missing, unexpected = load_for_finetuning(model, config.finetune)
-        log.info("loaded %s: missing %s, unused %s", config.finetune, missing, unexpected)
+        load_for_finetuning(
+            model, config.finetune, model_key=config.model_key, model_prefix=config.model_prefix,
+            model_filter_name=config.model_filter_name,
+        )  # fmt: skip
     if linprobe:
         model = LinearProbe(model, config.nb_classes, block=config.linprobe_block, pool=config.linprobe_pool)
     return model

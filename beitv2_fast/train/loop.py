@@ -23,14 +23,19 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_output_dir, save_config
-from .distributed import Distributed, all_reduce, broadcast_buffers, choose_parallel, parallelize, unwrap
+from .distributed import Distributed, broadcast_buffers, choose_parallel, parallelize, unwrap
 from .metrics import MetricLogger, log
+from .step import (  # noqa: F401 - NonFiniteError is re-exported
+    NonFiniteError,
+    NonFiniteGuard,
+    begin_graphed_step,
+    compile_student,
+    cuda_graph_mode,
+    phase,
+    uses_deferred_check,
+)
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or gradient norm that is NaN or infinite, on any rank."""
 
 
 @dataclasses.dataclass
@@ -43,21 +48,25 @@ class TrainData:
             the same (epoch, index) must give the same batch in a resumed run.
         num_skipped: optional ``num_skipped()``: unreadable files replaced so far on this rank
             (logged as ``data_skipped``, summed over the ranks).
+        state_dict, load_state_dict: optional; the data state saved with every checkpoint (the
+            same on every rank) and restored on resume, where it refuses a changed data layout.
     """
 
     batches_per_epoch: int
     batches: Callable[[int, int], Iterator[Any]]
     num_skipped: Callable[[], int] | None = None
+    state_dict: Callable[[], dict] | None = None
+    load_state_dict: Callable[[dict], None] | None = None
 
     @classmethod
     def from_loader(cls, loader) -> TrainData:
         """Batches of a ``beitv2_fast.data`` loader, whose draws depend only on (seed, epoch, index)."""
 
         def batches(epoch: int, start: int) -> Iterator[Any]:
-            loader.epoch, loader.batches_consumed = epoch, start
+            loader.seek(epoch, start)
             return iter(loader)
 
-        return cls(len(loader), batches, lambda: loader.num_skipped)
+        return cls(len(loader), batches, lambda: loader.num_skipped, loader.state_dict, loader.load_state_dict)
 
 
 @dataclasses.dataclass
@@ -75,8 +84,9 @@ class Task:
         on_log: optional ``on_log(model) -> metrics`` added to each log line (e.g. codebook usage).
         on_epoch_start: optional ``on_epoch_start(model, epoch)`` (e.g. reset codebook usage).
         on_end: optional ``on_end(model, output_dir)`` after the last step (exports, pictures).
-        frozen: modules that run without gradients (the tokenizer); moved to the device and
-            compiled with the model but never sharded or optimised.
+        frozen: modules that run without gradients (the tokenizer); moved to the device (in bf16
+            under bf16 autocast: no fp32 master copy) and compiled with the model, never sharded
+            or optimised.
     """
 
     model: nn.Module
@@ -160,18 +170,24 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     model = task.model.to(device)
-    for module in task.frozen:
-        module.to(device).eval().requires_grad_(False)
-        if config.torchcompile:
-            module.compile()
     parallel = choose_parallel(config.parallel, world)
+    graph_mode = cuda_graph_mode(config.cuda_graphs, parallel)
+    frozen_dtype = torch.bfloat16 if amp_dtype == torch.bfloat16 else torch.float32
+    for module in task.frozen:
+        module.to(device, dtype=frozen_dtype).eval().requires_grad_(False)
+        if config.torchcompile:
+            module.compile(fullgraph=True, mode=graph_mode)
     param_dtype = amp_dtype if (parallel == "fsdp" and device.type == "cuda" and amp_dtype != torch.float32) else None
     model = parallelize(
-        model, world, parallel=parallel, compile_blocks=config.torchcompile,
+        model, world, parallel=parallel, compile_blocks=config.torchcompile and parallel != "none",
         grad_checkpointing=config.grad_checkpointing, param_dtype=param_dtype,
     )  # fmt: skip
+    if config.torchcompile:
+        log.info("%s", compile_student(model, parallel, mode=graph_mode))
     optimizer = build_optimizer(task.param_groups(unwrap(model)), config, device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    guard = NonFiniteGuard(config.nonfinite, device, world.rank)
+    deferred = uses_deferred_check(optimizer, scaler)
 
     steps_per_epoch = task.data.batches_per_epoch // config.grad_accum_steps
     if steps_per_epoch < 1:
@@ -196,6 +212,11 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, world, extra_tensors=extra)
         step = state["step"]
+        if task.data.load_state_dict is not None and "data" in state:
+            try:  # refuses another data set size, world size, batch size or seed
+                task.data.load_state_dict(state["data"])
+            except ValueError as exc:
+                raise ConfigError(f"--resume {resume_from}: {exc}") from None
         if scaler is not None:
             scaler.update(new_scale=float(extra["scaler_scale"]))
         log.info("resumed from %s at step %d", resume_from, step)
@@ -216,8 +237,11 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
         broadcast_buffers(model)
         if scaler is not None:
             extra["scaler_scale"].fill_(scaler.get_scale())
+        run_state = {"epoch": at_step // steps_per_epoch}
+        if task.data.state_dict is not None:
+            run_state["data"] = task.data.state_dict()
         ckpt.save_checkpoint(
-            checkpoint_root, at_step, model, optimizer, world, state={"epoch": at_step // steps_per_epoch},
+            checkpoint_root, at_step, model, optimizer, world, state=run_state,
             extra_tensors=extra, keep=config.keep_checkpoints,
         )  # fmt: skip
 
@@ -244,55 +268,47 @@ def train(config: TrainConfig, task: Task, world: Distributed) -> dict[str, floa
             start = time.perf_counter()
             batch = _move(next(batches), device)
             data_seconds += time.perf_counter() - start
+            begin_graphed_step(graph_mode)
             with _gradient_sync(model, micro == config.grad_accum_steps - 1), autocast:
                 loss, metrics = task.loss(model, batch)
             scaled = loss / config.grad_accum_steps
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            with phase("backward"):
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0) + value.detach().float() / config.grad_accum_steps
 
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        max_norm = config.clip_grad if config.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        # One flag for every rank: stop (or skip) together, before any update, never hang.
-        finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | (scaler is not None))
-        finite = all_reduce(finite.to(torch.int32), op=torch.distributed.ReduceOp.MIN)
-        if bool(finite.item()):
+        with phase("clip + optimizer"):
             if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            logger.update(
-                {"loss": loss_sum / config.grad_accum_steps, "grad_norm": grad_norm, **metric_sums}, data_seconds
-            )
-        elif config.nonfinite == "stop":
-            raise NonFiniteError(
-                f"step {step}: non-finite loss or gradient norm on at least one rank (rank {world.rank}: loss "
-                f"{loss_sum.item():.4g}, gradient norm {grad_norm.item():.4g}); stopping every rank before the update. "
-                "The last checkpoint is intact; use --nonfinite skip to skip such steps instead."
-            )
-        else:  # skipped, but the step still counts: checkpoints, logs and evaluations stay on schedule
-            log.warning("step %d: non-finite loss or gradient norm; skipping the update", step)
-            if scaler is not None:
-                scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+                scaler.unscale_(optimizer)
+            max_norm = config.clip_grad if config.clip_grad > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            # Skipped on the device; the flags are read below, only where the host looks anyway.
+            applied = guard.step(optimizer, step, loss_sum, grad_norm, scaler, deferred=deferred)
+            optimizer.zero_grad(set_to_none=True)
+        logger.update({"loss": loss_sum / config.grad_accum_steps, "grad_norm": grad_norm, **metric_sums}, data_seconds,
+                      applied)  # fmt: skip
         step += 1
 
-        if (step % config.log_interval == 0 or step == total_steps) and logger.steps:
+        log_now = step % config.log_interval == 0 or step == total_steps
+        save_now = step % config.checkpoint_interval == 0 or step == total_steps
+        epoch_done = step % steps_per_epoch == 0
+        evaluate_now = (
+            task.evaluate is not None and epoch_done and (step // steps_per_epoch) % config.eval_interval == 0
+        )
+        if log_now or save_now or evaluate_now:
+            guard.check()  # stop (every rank: the flags are all-reduced) before anything is written
+        if log_now and logger.steps:
             extra_values = {"lr": lr}
             if task.on_log is not None:
                 extra_values.update(task.on_log(unwrap(model)))
             totals = {"data_skipped": task.data.num_skipped()} if task.data.num_skipped is not None else None
-            last = logger.write(step, extra_values, totals)
-        if step % config.checkpoint_interval == 0 or step == total_steps:
+            last = logger.write(step, extra_values, totals) or last
+        if save_now:
             save(step)
-        epoch_done = step % steps_per_epoch == 0
-        if task.evaluate is not None and epoch_done and ((step // steps_per_epoch) % config.eval_interval == 0):
+        if evaluate_now:
             model.eval()
             broadcast_buffers(model)
             logger.scalars("eval", step, task.evaluate(model, step))

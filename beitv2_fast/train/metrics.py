@@ -19,6 +19,7 @@ from .distributed import Distributed, all_reduce
 log = logging.getLogger("beitv2_fast")
 
 # Dense bf16 tensor-core peaks (NVIDIA datasheets; the headline figures with sparsity are 2x).
+APPLIED = "_applied_steps"  # the window's count of applied updates, summed over the ranks with the means
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12, "L40S": 362e12, "A10": 125e12}
 
 
@@ -94,11 +95,13 @@ class MetricLogger:
 
                 self.progress = tqdm(total=total_steps, dynamic_ncols=True, leave=False)
 
-    def update(self, metrics: dict[str, torch.Tensor], data_seconds: float) -> None:
-        """Add one optimizer step's metrics (0-d device tensors, already detached)."""
-        for key, value in metrics.items():
-            value = value.detach().float()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+    def update(self, metrics: dict[str, torch.Tensor], data_seconds: float, applied: torch.Tensor) -> None:
+        """Add one optimizer step's metrics (0-d device tensors, already detached); a step whose
+        update was skipped (``applied`` False, a 0-d device bool: no host synchronisation) counts
+        in the throughput but not in the means."""
+        for key, value in {**metrics, APPLIED: applied}.items():
+            value = torch.where(applied, value.detach().float(), 0.0)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.steps += 1
         self.data_seconds += data_seconds
         if self.progress is not None:
@@ -115,9 +118,13 @@ class MetricLogger:
         if keys or totals:
             device = self.sums[keys[0]].device if keys else self.world.device
             local = [self.sums[k] for k in keys] + [torch.tensor(float(v), device=device) for v in totals.values()]
-            reduced = all_reduce(torch.stack(local)).tolist()
-            values = {k: v / (self.steps * self.world.world_size) for k, v in zip(keys, reduced, strict=False)}
-            values.update(zip(totals, reduced[len(keys) :], strict=True))
+            reduced = dict(zip(keys + list(totals), all_reduce(torch.stack(local)).tolist(), strict=True))
+            applied = reduced.pop(APPLIED, 0.0)
+            if keys and not applied:  # every update of the window was skipped: no line, as no means
+                self._start_window()
+                return {}
+            values = {k: reduced.pop(k) / applied for k in keys if k != APPLIED}
+            values.update(reduced)
         images_per_second = self.steps * self.global_batch / elapsed
         values.update(extra)
         values["images_per_s"] = images_per_second
@@ -128,9 +135,12 @@ class MetricLogger:
             values["memory_gib"] = torch.cuda.max_memory_allocated(self.world.device) / 2**30
         if self.world.is_main:
             self._emit(step, values)
+        self._start_window()
+        return values
+
+    def _start_window(self) -> None:
         self.sums, self.steps, self.data_seconds = {}, 0, 0.0
         self.window_start = time.perf_counter()
-        return values
 
     def _emit(self, step: int, values: dict[str, float]) -> None:
         parts = [f"step {step}/{self.total_steps}"]

@@ -11,6 +11,7 @@ from .config import ConfigError, TrainConfig
 from .distributed import Distributed
 from .loop import Task, TrainData
 from .metrics import vit_forward_flops
+from .step import phase
 
 
 def load_tokenizer(
@@ -66,6 +67,17 @@ def pretrain_flops_per_image(student, tokenizer, num_mask_patches: int) -> float
     return 3 * forward + tokenizer_forward_flops(tokenizer)
 
 
+def pretrain_loss(student, tokenizer, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch's MIM loss: the frozen tokenizer's ids of every patch, then the student's forward
+    and loss on the masked ones (each a compiled graph when the run compiles)."""
+    images, tokenizer_images, mask_index = batch
+    with phase("tokenizer"), torch.no_grad():
+        target_ids = tokenizer.get_codebook_indices(tokenizer_images)
+    with phase("student forward + loss"):
+        out = student(images, mask_index, target_ids)
+    return out["loss"], {k: v for k, v in out.items() if k != "loss"}
+
+
 def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
     config.validate()
     tokenizer = build_tokenizer(config)
@@ -83,7 +95,7 @@ def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
     dataset = build_dataset(config.data_dir or "demo", "train")
     transform = PretrainTransform(
         config.input_size, config.second_input_size, min_crop_scale=config.min_crop_scale,
-        uint8_output=world.device.type == "cuda",
+        uint8_output=world.device.type == "cuda", fast_decode=config.fast_decode,
     )  # fmt: skip
     masking = MaskingGenerator(
         grid, config.num_mask_patches, min_num_patches=min(config.min_mask_patches_per_block, config.num_mask_patches),
@@ -91,15 +103,11 @@ def build_pretrain_task(config: TrainConfig, world: Distributed) -> Task:
     )  # fmt: skip
     loader = build_loader(
         "pretrain", dataset, batch_size=config.batch_size, transform=transform, masking=masking, seed=config.seed,
-        num_workers=config.num_workers, device=world.device, backend="dali" if config.data_backend == "dali" else "torch",
+        num_workers=config.num_workers, device=world.device, backend={"pil": "torch"}.get(config.data_backend, config.data_backend),
     )  # fmt: skip
 
     def loss(model, batch):
-        images, tokenizer_images, mask_index = batch
-        with torch.no_grad():
-            target_ids = tokenizer.get_codebook_indices(tokenizer_images)
-        out = model(images, mask_index, target_ids)
-        return out["loss"], {k: v for k, v in out.items() if k != "loss"}
+        return pretrain_loss(model, tokenizer, batch)
 
     return Task(
         model=student, loss=loss,

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from ..data import SegmentationTestTransform, SegmentationTrainTransform, build_loader, build_segmentation_dataset
+from ..data.loader import workers_per_rank
 from ..data.segmentation import IGNORE_INDEX
 from ..models import create_model, get_parameter_groups, list_models, load_state_dict_file
 from ..models.segmentation import (
@@ -348,7 +349,12 @@ def build_segment_task(config: TrainConfig, world: Distributed) -> Task:
     def evaluate(model, step, picture: str | None = None) -> dict[str, float]:
         module = inference_model(model, build_replica, world.device)
         metrics = evaluate_segmentation(
-            module, val_set, world, amp_dtype=amp_dtype, num_workers=min(config.num_workers, 4), picture=picture
+            module,
+            val_set,
+            world,
+            amp_dtype=amp_dtype,
+            num_workers=min(workers_per_rank(config.num_workers), 4),
+            picture=picture,
         )
         if world.is_main:
             log.info("segmentation at step %d:\n%s", step, metrics.table(val_set.classes))

@@ -1,4 +1,4 @@
-"""The CPU kernels against their baselines: ``bench/kernels.py``'s providers, one benchmark each."""
+"""The CPU kernels against their baselines: ``bench/bench_kernels.py``'s providers, one benchmark each."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import functools
 import os
 
 import torch
-from bench_support import load_bench_kernels
+
+from bench import bench_kernels
 
 BATCH = int(os.environ.get("BEITV2_BENCH_BATCH", "4"))
 
 
 @functools.cache
 def cases() -> dict[str, object]:
-    """``bench/kernels.py``'s cases of every op at BATCH images of 197 tokens, fp32, by id."""
-    bench_kernels = load_bench_kernels()
+    """``bench/bench_kernels.py``'s cases of every op at BATCH images of 197 tokens, fp32, by id."""
     args = argparse.Namespace(
         batch=BATCH, seq=197, m=None, k=8192, d=32, c=768, v=8192, heads=12, head_dim=64, dtype="fp32"
     )

@@ -1,15 +1,15 @@
 """Kernel benchmarks: each op against the unfused baselines, measured side by side in one run.
 
-    python bench/kernels.py codebook                  # BEiT v2 shape: M = 256 x 196, K = 8192, D = 32
-    python bench/kernels.py codebook --m 4096 --dtype fp32
-    python bench/kernels.py masked_ce                 # MIM head fwd, bwd, fwd+bwd: M = 256 x 75, C = 768, V = 8192
-    python bench/kernels.py masked_ce --c 1024        # ViT-L
-    python bench/kernels.py attention                 # fwd, bwd, fwd+bwd: B = 256, H = 12, N = 197, Dh = 64
-    python bench/kernels.py attention --batch 128 --heads 16   # ViT-L
-    python bench/kernels.py attention --batch 4       # on the CPU (fp32)
-    python bench/kernels.py all --batch 256           # the three ops at the pretraining shapes
-    python bench/kernels.py all --sweep batch=32,64,128,256     # shape sweeps, with PNG plots
-    python bench/kernels.py attention --sweep seq=50,197,257,577
+    python -m bench.bench_kernels codebook                  # BEiT v2 shape: M = 256 x 196, K = 8192, D = 32
+    python -m bench.bench_kernels codebook --m 4096 --dtype fp32
+    python -m bench.bench_kernels masked_ce                 # MIM head fwd, bwd, fwd+bwd: M = 256 x 75, C = 768, V = 8192
+    python -m bench.bench_kernels masked_ce --c 1024        # ViT-L
+    python -m bench.bench_kernels attention                 # fwd, bwd, fwd+bwd: B = 256, H = 12, N = 197, Dh = 64
+    python -m bench.bench_kernels attention --batch 128 --heads 16   # ViT-L
+    python -m bench.bench_kernels attention --batch 4       # on the CPU (fp32)
+    python -m bench.bench_kernels all --batch 256           # the three ops at the pretraining shapes
+    python -m bench.bench_kernels all --sweep batch=32,64,128,256     # shape sweeps, with PNG plots
+    python -m bench.bench_kernels attention --sweep seq=50,197,257,577
 
 Shapes follow the images: ``--batch`` images of ``--seq`` tokens (197: a 224 px image in 16 px
 patches plus the class token) give the codebook ``batch x (seq - 1)`` rows, the masked head
@@ -43,11 +43,10 @@ import torch
 import torch._functorch.config
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _common  # noqa: E402
+import kernels
+from kernels import _dispatch, reference
 
-import kernels  # noqa: E402
-from kernels import _dispatch, reference  # noqa: E402
+from . import _common
 
 # The "bwd" pass replays the backward of one retained forward (retain_graph=True), which
 # compiled providers (FlexAttention) refuse while AOTAutograd donates their saved buffers.

@@ -1,5 +1,5 @@
-"""Triton kernels of ``relpos_attention``: tile tables, kernels and launchers (CUDA, or the CPU
-interpreter under ``TRITON_INTERPRET=1``). Imported on the first Triton call.
+"""The Triton kernels of ``kernels.relpos_attention``, their tile tables and launchers (CUDA, or
+the CPU interpreter under ``TRITON_INTERPRET=1``).
 
 All softmax arithmetic is in fp32 and base 2; 16-bit inputs multiply on tensor cores with fp32
 accumulation, fp32 inputs with exact fp32 products (CUDA cores).
@@ -34,12 +34,18 @@ other sides need only 16 (bf16/fp16). Work done over the real ``N^2`` work:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _dispatch
+from .. import _scaffold
+from ..attention import empty_bnhd
+
+# The first call of each shape benchmarks every candidate tile (seconds); with
+# BEITV2_ATTENTION_AUTOTUNE=0 the first candidate runs at once (many shapes, quick test runs).
+AUTOTUNE = os.environ.get("BEITV2_ATTENTION_AUTOTUNE", "1") != "0"
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -404,7 +410,8 @@ def _autotuned(kernel, name: str, make_config):
     every = list(dict.fromkeys(every))  # the autotuner prunes only when it has several
 
     def prune(configs, named_args, **kwargs):
-        return [make_config(tile) for tile in shipped_tiles(name, _device_arch())[_tile_key(kwargs)]]
+        kept = [make_config(tile) for tile in shipped_tiles(name, _device_arch())[_tile_key(kwargs)]]
+        return kept if AUTOTUNE else kept[:1]
 
     return triton.autotune(
         configs=every, key=["N", "HEAD_DIM", "HAS_BIAS"], prune_configs_by={"early_config_prune": prune}
@@ -415,26 +422,15 @@ _fwd_autotuned = _autotuned(_fwd_kernel, "fwd", _fwd_config)
 _bwd_autotuned = _autotuned(_bwd_kernel, "bwd", _bwd_config)
 
 
-def _launch(autotuned, kernel, name, grid, args, constexprs, autotune):
-    """The autotuned kernel; the first candidate without ``autotune``; under the interpreter its
-    small tiles, with split tails exactly where the first candidate has them."""
-    interpret = _dispatch.triton_interpret()
-    first = shipped_tiles(name, 90 if interpret else _device_arch())[_tile_key(constexprs)][0]
-    if interpret:
-        if name == "fwd":
-            block_m, block_n, tail = INTERPRETER_TILES[name]
-            meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "TAIL": tail if first[2] else 0}
-        else:
-            keys, queries = INTERPRETER_TILES[name]
-            meta = {"BLOCK_KEYS": keys, "BLOCK_QUERIES": first[1] if first[1] >= 64 else queries}
-        meta.update(constexprs)
-        kernel[grid(meta)](*args, **meta)
-    elif autotune:
-        autotuned[grid](*args, **constexprs)
-    else:
-        config = (_fwd_config if name == "fwd" else _bwd_config)(first)
-        meta = {**config.kwargs, **constexprs}
-        kernel[grid(meta)](*args, num_warps=config.num_warps, num_stages=config.num_stages, **meta)
+def _interpreter_tiles(name: str, constexprs: dict) -> dict:
+    """The interpreter's small tiles, with key tails and the dq product's form where the first
+    shipped candidate (for sm_90) has them."""
+    first = shipped_tiles(name, 90)[_tile_key(constexprs)][0]
+    if name == "fwd":
+        block_m, block_n, tail = INTERPRETER_TILES[name]
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "TAIL": tail if first[2] else 0}
+    keys, queries = INTERPRETER_TILES[name]
+    return {"BLOCK_KEYS": keys, "BLOCK_QUERIES": first[1] if first[1] >= 64 else queries}
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,15 +466,16 @@ def _constexprs(q: torch.Tensor, bias: torch.Tensor | None) -> dict:
         "HAS_BIAS": bias is not None,
         "HEAD_DIM": d,
         "BLOCK_D": block_d(d),
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",  # tf32: ignored for 16 bits
+        "DOT_PRECISION": _scaffold.dot_precision(q.dtype),
     }
 
 
-def forward(q, k, v, bias, scale, out, *, autotune=True):
-    """Write the attention into ``out`` (``[B, H, N, Dh]``, unit stride along Dh); return the
+def forward(q, k, v, bias, scale):
+    """``(out, lse)``: the attention, laid out as :func:`kernels.attention.empty_bnhd`, and the
     log-sum-exp ``[B, H, N]`` in fp32."""
     b, h, n, _ = q.shape
     bias = _kernel_bias(bias, q.dtype)
+    out = empty_bnhd(q)
     lse = q.new_empty(b, h, n, dtype=torch.float32)
     bias_strides = (0, 0) if bias is None else bias.stride()[:2]
     args = (
@@ -487,34 +484,35 @@ def forward(q, k, v, bias, scale, out, *, autotune=True):
         h, n, scale * math.log2(math.e),
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * b * h,)  # noqa: E731
-    _launch(_fwd_autotuned, _fwd_kernel, "fwd", grid, args, _constexprs(q, bias), autotune)
-    return lse
+    constexprs = _constexprs(q, bias)
+    _scaffold.launch(_fwd_autotuned, _fwd_kernel, grid, args, constexprs, _interpreter_tiles("fwd", constexprs))
+    return out, lse
 
 
 def batch_groups(batch: int, heads: int, n: int, device: torch.device) -> int:
     """How many groups the batch is cut into for the bias gradient: enough (head, group) programs
-    to fill the GPU PROGRAMS_PER_SM times, within DBIAS_SLICES_BYTES of fp32 slices."""
-    if device.type != "cuda":
-        return min(batch, 2)  # the interpreter: two groups exercise the final sum
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, heads)
+    to fill the GPU PROGRAMS_PER_SM times, within DBIAS_SLICES_BYTES of fp32 slices (the
+    interpreter: two groups exercise the final sum)."""
     affordable = max(1, DBIAS_SLICES_BYTES // (4 * heads * n * padded_row_stride(n)))
-    return max(1, min(batch, wanted, affordable))
+    return _scaffold.splits_to_fill(device, heads, min(batch, affordable), waves=PROGRAMS_PER_SM, cpu=min(batch, 2))
 
 
 def _program_count(items: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return min(items, 3)  # the interpreter: programs that loop over several items
-    return min(items, PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
+    """The persistent grid: PROGRAMS_PER_SM per SM (the interpreter: programs that loop)."""
+    return min(items, PROGRAMS_PER_SM * _scaffold.sm_count(device) if device.type == "cuda" else 3)
 
 
-def backward(grad_out, q, k, v, bias, out, lse, scale, need_dbias, dq, dk, dv, *, autotune=True):
-    """Write the gradients into ``dq``, ``dk``, ``dv`` (``[B, H, N, Dh]``, any strides with unit
-    stride along Dh, for example views of one packed qkv gradient) and return the bias gradient
-    ``[H, N, N]`` in the dtype of ``bias``, summed over the batch (None without ``need_dbias``).
-    Bit-identical from run to run: no atomics.
+def backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, dq=None, dk=None, dv=None):
+    """``(dq, dk, dv, dbias)``, bit-identical from run to run whatever ``deterministic`` says (no
+    atomics). dq, dk, dv are written into the tensors given (``[B, H, N, Dh]``, any strides with
+    unit stride along Dh, for example views of one packed qkv gradient), or into new ones.
+    dbias is ``[H, N, N]`` in the dtype of ``bias``, summed over the batch, or None without
+    ``need_dbias``.
     """
     b, h, n, _ = q.shape
+    dq = empty_bnhd(q) if dq is None else dq
+    dk = empty_bnhd(k) if dk is None else dk
+    dv = empty_bnhd(v) if dv is None else dv
     bias_dtype = None if bias is None else bias.dtype
     bias = _kernel_bias(bias, q.dtype)
     constexprs = {**_constexprs(q, bias), "NEED_DBIAS": need_dbias}
@@ -537,8 +535,8 @@ def backward(grad_out, q, k, v, bias, out, lse, scale, need_dbias, dq, dk, dv, *
         b, h, n, scale, scale * math.log2(math.e), per_group, h * groups,
     )  # fmt: skip
     grid = lambda meta: (programs,)  # noqa: E731
-    _launch(_bwd_autotuned, _bwd_kernel, "bwd", grid, args, constexprs, autotune)
+    _scaffold.launch(_bwd_autotuned, _bwd_kernel, grid, args, constexprs, _interpreter_tiles("bwd", constexprs))
     if not need_dbias:
-        return None
+        return dq, dk, dv, None
     dbias = dbias_slices[0] if groups == 1 else dbias_slices.sum(0)  # a fixed order: deterministic
-    return dbias[..., :n].to(bias_dtype).contiguous()
+    return dq, dk, dv, dbias[..., :n].to(bias_dtype).contiguous()

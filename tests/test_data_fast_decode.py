@@ -1,0 +1,117 @@
+"""The CPU pipeline's speed-ups that must not change the data: colour jitter by lookup tables
+(byte for byte torchvision's), and decoding at a reduced DCT scale (``fast_decode``: the same
+draws, crops and masks, pixels within resampling noise; bad files replaced as without it); and
+the loader's worker count from the cores per local rank."""
+
+import logging
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from beitv2_fast.data import DemoImages, ImageFolderDataset, MaskingGenerator, PretrainTransform, build_loader
+from beitv2_fast.data.color import color_jitter
+from beitv2_fast.data.datasets import demo_photo
+from beitv2_fast.data.decode import decode_for_crop, reduction_for
+from beitv2_fast.data.loader import workers_per_rank
+from beitv2_fast.train.config import ConfigError, TrainConfig
+
+
+def _write_jpegs(folder, sizes, quality=90):
+    photo = PIL.Image.fromarray(demo_photo("coffee"))
+    (folder / "a").mkdir(parents=True, exist_ok=True)
+    for i, size in enumerate(sizes):
+        photo.resize(size, PIL.Image.Resampling.BICUBIC).save(folder / "a" / f"{i:03d}.JPEG", quality=quality)
+    return folder
+
+
+def test_color_jitter_is_torchvisions_byte_for_byte():
+    image = PIL.Image.fromarray(demo_photo("astronaut")).resize((96, 80))
+    jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.1)
+    torch.manual_seed(0)
+    for _ in range(16):  # most orders of the four ops come up
+        params = jitter.make_params([])
+        assert np.array_equal(np.asarray(color_jitter(image, params)), np.asarray(jitter.transform(image, params)))
+
+
+def test_reduction_keeps_the_box_at_least_as_large_as_each_view():
+    views = [(224, 224), (112, 160)]
+    assert reduction_for({"height": 447, "width": 900}, views) == 1
+    assert reduction_for({"height": 448, "width": 448}, views) == 2
+    assert reduction_for({"height": 1800, "width": 1000}, views) == 4
+    assert reduction_for({"height": 1792, "width": 1792}, views) == 8
+
+
+def test_fast_decode_draws_the_same_crops_and_keeps_the_pixels(tmp_path):
+    root = _write_jpegs(tmp_path, [(600, 450)])
+    path = str(next((root / "a").iterdir()))
+    full = PretrainTransform(160, 144, min_crop_scale=0.2, uint8_output=True)
+    fast = PretrainTransform(160, 144, min_crop_scale=0.2, uint8_output=True, fast_decode=True)
+    reductions = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        decoded = decode_for_crop(path, fast)
+        torch.manual_seed(seed)
+        expected_params = full.sample_params(600, 450)
+        assert decoded.params["box"] == expected_params["box"] and decoded.params["flip"] == expected_params["flip"]
+        assert decoded.image.size == tuple(-(-s // decoded.reduction) for s in (600, 450))
+        reductions.add(decoded.reduction)
+        torch.manual_seed(seed)
+        expected = full(ImageFolderDataset(root)._decode(0))
+        for want, got in zip(expected, fast(decoded), strict=True):
+            mse = float(((want.double() - got.double()) ** 2).mean())
+            if decoded.reduction == 1:
+                assert mse == 0  # a crop too small to reduce decodes exactly as without the option
+            else:
+                assert 10 * math.log10(255**2 / mse) > 30, f"seed {seed}: PSNR below 30 dB"
+    assert reductions == {1, 2}  # both paths were exercised
+
+
+def test_fast_decode_loader_gives_the_same_batches_and_replaces_bad_files(tmp_path):
+    root = _write_jpegs(tmp_path, [(60, 45), (45, 60)] * 4)
+    bad = root / "a" / "003.JPEG"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # the header reads, the pixels do not
+    batches, skipped = [], []
+    for fast_decode in (False, True):
+        transform = PretrainTransform(32, 32, min_crop_scale=0.2, uint8_output=True, fast_decode=fast_decode)
+        loader = build_loader(
+            "pretrain", ImageFolderDataset(root), batch_size=4, transform=transform,
+            masking=MaskingGenerator(2, 2, min_num_patches=1), seed=3, num_workers=0,
+        )  # fmt: skip
+        with pytest.warns(UserWarning, match="skipped unreadable image"):
+            batches.append(list(loader))
+        skipped.append(loader.num_skipped)
+    assert skipped == [1, 1]
+    for plain, fast in zip(*batches, strict=True):
+        for a, b in zip(plain, fast, strict=True):
+            assert torch.equal(a, b)  # 32 px views of < 64 px files: never reduced, so exactly equal
+
+
+def test_fast_decode_needs_files():
+    transform = PretrainTransform(32, 32, fast_decode=True)
+    with pytest.raises(TypeError, match="fast_decode"):
+        build_loader("pretrain", DemoImages(crops_per_photo=1, photos=("coffee",)), batch_size=2, transform=transform,
+                     masking=MaskingGenerator(2, 2, min_num_patches=1), num_workers=0)  # fmt: skip
+
+
+def test_worker_count_follows_the_cores_per_local_rank(monkeypatch, caplog):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with caplog.at_level(logging.INFO, logger="beitv2_fast"):
+        assert workers_per_rank(-1) == 7  # 8 cores per rank, one left to the main process
+    assert "7 loader workers per rank (16 cores for 2 local ranks" in caplog.text
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert workers_per_rank(-1) == 1
+    assert workers_per_rank(3) == 3  # an explicit count is kept
+
+
+def test_fast_decode_option_needs_a_folder_and_the_cpu_backend(tmp_path):
+    options = {"task": "tokenizer", "teacher": "hog", "fast_decode": True}
+    with pytest.raises(ConfigError, match="--fast-decode reads JPEG files on the CPU"):
+        TrainConfig(**options).validate()
+    with pytest.raises(ConfigError, match="--fast-decode reads JPEG files on the CPU"):
+        TrainConfig(**options, data_dir=str(tmp_path), data_backend="gpu").validate()
+    TrainConfig(**options, data_dir=str(tmp_path)).validate()
