@@ -100,6 +100,7 @@ class AotSpec:
     # Arguments the JIT would see as multiples of 16 (torch's aligned pointers, strides like 768):
     # without the hint bf16 loads are not vectorised and the k-loop is not pipelined.
     divisible_by_16: tuple[str, ...] = ()
+    maxnreg: int | None = None  # ptxas's register cap per thread (triton.Config(maxnreg=...))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,12 +112,15 @@ class KernelResources:
     shared_bytes: int
     spill_bytes: int  # local memory per thread: register spills (and local arrays)
     stack_bytes: int
+    wgmma_count: int  # Hopper's warpgroup matrix instructions in the PTX (0: mma.sync or FMA)
 
     def __str__(self) -> str:
         s = self.spec
         return (
             f"{s.kernel} sm_{s.arch} {s.constexprs} warps={s.num_warps} stages={s.num_stages}: "
-            f"{self.registers} registers, {self.shared_bytes} B shared, {self.spill_bytes} B spilled"
+            f"{self.registers} registers, {self.shared_bytes} B shared, {self.spill_bytes} B spilled, "
+            f"{self.stack_bytes} B stack, "
+            f"{self.wgmma_count} wgmma"
         )
 
 
@@ -154,6 +158,8 @@ def _compile_one(spec: AotSpec) -> KernelResources:
     attrs = {(names.index(arg),): [["tt.divisibility", 16]] for arg in spec.divisible_by_16}
     source = triton.compiler.ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.maxnreg is not None:
+        options["maxnreg"] = spec.maxnreg
     compiled = triton.compile(source, target=GPUTarget("cuda", spec.arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -168,6 +174,7 @@ def _compile_one(spec: AotSpec) -> KernelResources:
         shared_bytes=compiled.metadata.shared,
         spill_bytes=int(fields["LOCAL"]),
         stack_bytes=int(fields["STACK"]),
+        wgmma_count=len(re.findall(r"^\s*wgmma\.mma_async", compiled.asm["ptx"], flags=re.MULTILINE)),
     )
 
 

@@ -6,8 +6,10 @@ pretraining to every block). No ``[B, H, N, N]`` tensor is ever allocated, forwa
 and the bias gradient is summed over the batch inside the kernels.
 
 Backends (``IMPLEMENTATIONS``): Triton kernels (``kernels/_triton/attention.py``, whose docstring
-describes them: an online-softmax forward, a dq kernel and a dk/dv kernel that also reduces the
-bias gradient over the batch), the CUDA C++ kernels (``csrc/attention.cu``) and a PyTorch kernel.
+describes them, with their tiles and what padding costs: an online-softmax forward and one
+backward kernel whose programs own whole sequences, so that dq, dk, dv take five matrix products
+per tile pair and the bias gradient is summed over the batch in the same pass, without atomics),
+the CUDA C++ kernels (``csrc/attention.cu``) and a PyTorch kernel.
 
 Dispatch: CPU tensors take the PyTorch kernel (exact softmax in fp32, in batch chunks so its
 memory stays bounded); on CUDA a call without a bias goes to PyTorch's scaled_dot_product_attention
@@ -254,9 +256,10 @@ def relpos_attention(
             comes back in the bias's own dtype. ``-inf`` entries mask keys. None for plain
             attention.
         scale: multiplies ``q k^T``; default ``Dh ** -0.5``.
-        deterministic: make the bias gradient bit-identical from run to run (the batch groups'
-            partial sums are added in a fixed order instead of with atomics). dq, dk and dv of
-            this op's kernels are deterministic either way.
+        deterministic: make every gradient bit-identical from run to run. The Triton, CUDA C++
+            and PyTorch kernels here are so either way (the batch groups' partial bias gradients
+            are added in a fixed order, never with atomics); the flag states the requirement
+            for any backend that would need it.
 
     Returns:
         ``[B, H, N, Dh]`` in the dtype of ``q``, differentiable with respect to q, k, v and bias.
