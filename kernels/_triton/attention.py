@@ -510,13 +510,15 @@ def forward(q, k, v, bias, scale):
     return out, lse
 
 
-def backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias):
+def backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, grads=None):
+    """dq, dk, dv and dbias. ``grads``: ``[B, H, N, Dh]`` tensors (any strides, unit stride along
+    Dh: views of one packed qkv gradient) that the kernels write dq, dk and dv into."""
     b, h, n, _ = q.shape
     bias_dtype = None if bias is None else bias.dtype
     bias = _kernel_bias(bias, q.dtype)
     bias_arg = q if bias is None else bias
     bias_strides = (0, 0) if bias is None else bias.stride()[:2]
-    dq, dk, dv = empty_bnhd(q), empty_bnhd(k), empty_bnhd(v)
+    dq, dk, dv = grads if grads is not None else (empty_bnhd(q), empty_bnhd(k), empty_bnhd(v))
     delta = torch.empty_like(lse)
     constexprs = _constexprs(q, bias)
     qk_scale = scale * math.log2(math.e)
