@@ -19,7 +19,7 @@ import warnings
 
 from . import attention, codebook, masked_ce, reference
 from ._dispatch import BACKENDS, get_backend, set_backend
-from .attention import relative_position_index, relpos_attention, relpos_bias
+from .attention import relative_position_index, relpos_attention, relpos_attention_packed, relpos_bias
 from .codebook import codebook_ema_stats, codebook_lookup
 from .masked_ce import masked_linear_cross_entropy
 from .patch import patch_timm_beit
@@ -44,6 +44,7 @@ __all__ = [
     "reference",
     "relative_position_index",
     "relpos_attention",
+    "relpos_attention_packed",
     "relpos_bias",
     "set_backend",
 ]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import _checks, _dispatch, _scaffold
 from .reference import relative_position_index
 
-__all__ = ["relative_position_index", "relpos_attention", "relpos_bias"]
+__all__ = ["relative_position_index", "relpos_attention", "relpos_attention_packed", "relpos_bias"]
 
 OP = "relpos_attention"
 MAX_HEAD_DIM = 128
@@ -74,8 +74,10 @@ def _torch_forward(q, k, v, bias, scale, chunk_bytes: int = CPU_CHUNK_BYTES):
     return out, lse
 
 
-def _torch_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, chunk_bytes=CPU_CHUNK_BYTES):
-    dq, dk, dv = empty_bnhd(q), empty_bnhd(k), empty_bnhd(v)
+def _torch_backward(
+    grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, grads=None, chunk_bytes=CPU_CHUNK_BYTES
+):
+    dq, dk, dv = grads if grads is not None else (empty_bnhd(q), empty_bnhd(k), empty_bnhd(v))
     dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if need_dbias else None
     bias32 = None if bias is None else bias.to(q.dtype).float()
     step = _batch_chunk(q, chunk_bytes)
@@ -103,12 +105,16 @@ def _cuda_extension_forward(q, k, v, bias, scale):
     return tuple(torch.ops.beitv2_cuda.relpos_attention(q, k, v, bias, scale))
 
 
-def _cuda_extension_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias):
+def _cuda_extension_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, grads=None):
     # Its dbias kernel sums over the batch in a fixed order: deterministic either way.
     kernel_bias = None if bias is None else bias.to(q.dtype)
     dq, dk, dv, dbias = torch.ops.beitv2_cuda.relpos_attention_backward(
         grad_out, q, k, v, kernel_bias, out, lse, scale, need_dbias
     )
+    if grads is not None:  # its kernels allocate their outputs: one copy into the caller's buffers
+        for into, grad in zip(grads, (dq, dk, dv), strict=True):
+            into.copy_(grad)
+        dq, dk, dv = grads
     return dq, dk, dv, (dbias.to(bias.dtype) if need_dbias else None)
 
 
@@ -150,14 +156,16 @@ def _relpos_attention_fake(q, k, v, bias, scale, deterministic):
     return empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _run_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias):
+def _run_backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, grads=None):
+    """dq, dk, dv (written into ``grads`` when given, else new) and dbias (empty unless ``need_dbias``)."""
     grad_out = _scaffold.unit_stride_rows(grad_out)
     if q.numel() == 0:
-        dq, dk, dv = (empty_bnhd(t).zero_() for t in (q, k, v))
+        dq, dk, dv = grads if grads is not None else (empty_bnhd(t) for t in (q, k, v))
+        dq, dk, dv = dq.zero_(), dk.zero_(), dv.zero_()
         dbias = torch.zeros(bias.shape, device=bias.device, dtype=bias.dtype) if need_dbias else None
     else:
         dq, dk, dv, dbias = _dispatch.select(q.device, IMPLEMENTATIONS).backward(
-            grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias
+            grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, grads=grads
         )
     return dq, dk, dv, (dbias if need_dbias else q.new_empty(0))
 
@@ -202,6 +210,74 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _relpos_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The packed form: q, k and v come as views of the fused qkv projection's output, and the
+# backward writes dq, dk and dv through strides into one gradient buffer of that layout, so
+# that the model's backward needs no stack, permute or copy to feed the projection's matmul.
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, H, N, Dh]`` views of ``qkv [B, N, 3 * H * Dh]`` laid out ``[B, N, 3, H, Dh]``
+    (the columns of BEiT's and timm's ``qkv`` Linear: q, k, v, and heads within each)."""
+    b, n, width = qkv.shape
+    return qkv.view(b, n, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@_scaffold.custom_op("beitv2::relpos_attention_packed")
+def _relpos_attention_packed_op(
+    qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int, scale: float, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run_forward(*split_qkv(qkv, num_heads), bias, scale)
+
+
+@_relpos_attention_packed_op.register_fake
+def _relpos_attention_packed_fake(qkv, bias, num_heads, scale, deterministic):
+    q = split_qkv(qkv, num_heads)[0]
+    return empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@_scaffold.custom_op("beitv2::relpos_attention_packed_backward")
+def _relpos_attention_packed_backward_op(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    deterministic: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_qkv = qkv.new_empty(qkv.shape)
+    *_, dbias = _run_backward(
+        grad_out, *split_qkv(qkv, num_heads), bias, out, lse, scale, deterministic, need_dbias,
+        grads=split_qkv(grad_qkv, num_heads),
+    )  # fmt: skip
+    return grad_qkv, dbias
+
+
+@_relpos_attention_packed_backward_op.register_fake
+def _relpos_attention_packed_backward_fake(grad_out, qkv, bias, out, lse, num_heads, scale, deterministic, need_dbias):
+    return qkv.new_empty(qkv.shape), bias.new_empty(bias.shape) if need_dbias else qkv.new_empty(0)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, bias, num_heads, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, bias, out, lse)
+    ctx.num_heads, ctx.scale, ctx.deterministic = num_heads, scale, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _packed_backward(ctx, grad_out, grad_lse):
+    qkv, bias, out, lse = ctx.saved_tensors
+    need_dbias = bias is not None and ctx.needs_input_grad[1]
+    grad_qkv, dbias = _relpos_attention_packed_backward_op(
+        grad_out, qkv, bias, out, lse, ctx.num_heads, ctx.scale, ctx.deterministic, need_dbias
+    )
+    return grad_qkv, (dbias if need_dbias else None), None, None, None
+
+
+_relpos_attention_packed_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,13 +348,62 @@ def relpos_attention(
     """
     _check_inputs(q, k, v, bias, scale, deterministic)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if bias is None and q.device.type == "cuda" and _dispatch.get_backend() == "auto":
+    if _uses_sdpa(q, bias):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if bias is not None and bias.dim() == 4:
-        bias = bias[0]
     q, k, v = _scaffold.unit_stride_rows(q), _scaffold.unit_stride_rows(k), _scaffold.unit_stride_rows(v)
-    out, _ = _relpos_attention_op(q, k, v, bias, scale, deterministic)
+    out, _ = _relpos_attention_op(q, k, v, _one_bias(bias), scale, deterministic)
     return out
+
+
+def _uses_sdpa(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Without a bias, CUDA tensors under the ``auto`` backend go to PyTorch's fused attention."""
+    return bias is None and q.device.type == "cuda" and _dispatch.get_backend() == "auto"
+
+
+def _one_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return bias[0] if bias is not None and bias.dim() == 4 else bias
+
+
+def relpos_attention_packed(
+    qkv: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    num_heads: int,
+    scale: float | None = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """:func:`relpos_attention` on the output of a fused qkv projection, with a packed gradient.
+
+    Args:
+        qkv: ``[B, N, 3 * H * Dh]``, its last dimension laid out ``[3, H, Dh]`` (q, k, v; heads
+            within each), as ``nn.Linear(C, 3 * H * Dh)`` in BEiT and timm produces it; unit
+            stride along the last dimension (otherwise it is copied once).
+        bias, scale, deterministic: as for :func:`relpos_attention`.
+        num_heads: H.
+
+    Returns:
+        ``[B, N, H * Dh]`` (the heads concatenated, ready for the output projection), in the
+        dtype of ``qkv``. Its backward returns the gradient of ``qkv`` as one contiguous
+        ``[B, N, 3 * H * Dh]`` tensor into which the kernels write dq, dk and dv directly.
+    """
+    _checks.check_tensor(OP, "qkv", qkv, ndim=3)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise TypeError(f"{OP}: argument 'num_heads' must be a positive int; got {num_heads!r}")
+    if qkv.shape[-1] == 0 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(
+            f"{OP}: argument 'qkv' must have a last dimension of 3 * num_heads * Dh = a positive multiple of "
+            f"{3 * num_heads}; got shape {tuple(qkv.shape)}"
+        )
+    qkv = _scaffold.unit_stride_rows(qkv)
+    q, k, v = split_qkv(qkv, num_heads)
+    _check_inputs(q, k, v, bias, scale, deterministic)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _uses_sdpa(q, bias):
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        out, _ = _relpos_attention_packed_op(qkv, _one_bias(bias), num_heads, scale, deterministic)
+    batch, tokens, _ = qkv.shape
+    return out.transpose(1, 2).reshape(batch, tokens, -1)
 
 
 def relpos_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

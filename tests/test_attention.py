@@ -1,6 +1,7 @@
 """kernels.relpos_attention, kernels.relpos_bias and kernels.patch_timm_beit against kernels/reference.py."""
 
 import concurrent.futures
+import dataclasses
 
 import pytest
 import torch
@@ -214,7 +215,9 @@ def test_triton_backward_writes_strided_views_of_one_buffer():
     packed = torch.full((2, 9, 3, HEADS, 32), 7.0, dtype=torch.bfloat16)
     views = packed.permute(2, 0, 3, 1, 4).unbind(0)
     grads = triton_attention.backward(grad_out, q, k, v, bias, out, lse, 0.2, False, True, *views)
-    assert all(got is view for got, view in zip(grads[:3], views, strict=True)), "the launcher must write the tensors given"
+    assert all(got is view for got, view in zip(grads[:3], views, strict=True)), (
+        "the launcher must write the tensors given"
+    )
     for got, want, name in zip(grads, expected, ("dq", "dk", "dv", "dbias"), strict=True):
         assert torch.equal(got, want), f"{name} through strides differs"
 
@@ -298,7 +301,11 @@ def test_compile_fullgraph_forward_and_backward():
 
     def block(q, k, v, table):
         bias = kernels.relpos_bias(table, index)
-        return kernels.relpos_attention(q, k, v, bias, deterministic=True).square().sum()
+        unpacked = kernels.relpos_attention(q, k, v, bias, deterministic=True)
+        # the packed form in the same graph, on the fused-projection layout [B, N, 3 * H * Dh]
+        qkv = torch.stack((q, k, v), 2).permute(0, 3, 2, 1, 4).flatten(2)
+        packed = kernels.relpos_attention_packed(qkv, bias, num_heads=HEADS, deterministic=True)
+        return unpacked.square().sum() + packed.sin().sum()
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     q, k, v, _ = _inputs(2, 10, 32, "cpu")
@@ -489,3 +496,87 @@ def test_shipped_configs_reach_the_tensor_cores():
     beit = [r for r in results if r.spec.signature["Q"] == "*bf16" and r.spec.constexprs["BLOCK_D"] == 64]
     assert len(beit) == 2 * (len(triton_attention.FORWARD_TILES[("16", 64)]) + 1)
     _testing.assert_fits_the_sm(beit)
+
+
+# --------------------------------------------------------------------------------------------
+# The packed form: qkv [B, N, 3 * H * Dh] in, one packed gradient out
+# --------------------------------------------------------------------------------------------
+def _packed_run(packed: bool, qkv, bias, grad_out):
+    """Output ``[B, N, H * Dh]`` and (dqkv, dbias): the packed op, or the unpacked op on views of qkv."""
+    leaves = [t.detach().clone().requires_grad_() for t in (qkv, bias)]
+    if packed:
+        out = kernels.relpos_attention_packed(*leaves, num_heads=HEADS, deterministic=True)
+    else:
+        q, k, v = attention.split_qkv(leaves[0], HEADS)
+        out = kernels.relpos_attention(q, k, v, leaves[1], deterministic=True).transpose(1, 2).flatten(2)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _reference_packed(qkv, bias, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in (qkv, bias)]
+    q, k, v = attention.split_qkv(leaves[0], HEADS)
+    out = reference.relpos_attention(q, k, v, leaves[1], q.shape[-1] ** -0.5).transpose(1, 2).flatten(2)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_packed_gradient_equals_the_unpacked_one(backend, device, dtype):
+    n, head_dim = (7, 32) if device.type == "cpu" else (197, 64)
+    qkv = torch.randn(2, n, 3 * HEADS * head_dim, device=device)
+    bias = 2.0 * torch.randn(HEADS, n, n, device=device)
+    grad_out = torch.randn(2, n, HEADS * head_dim, device=device)
+    lowp = [t.to(dtype) for t in (qkv, bias, grad_out)]
+    out, grads = _packed_run(True, *lowp)
+    # The same kernels on the same views: only where dq, dk and dv land differs, so bit for bit.
+    unpacked_out, unpacked_grads = _packed_run(False, *lowp)
+    assert out.shape == (2, n, HEADS * head_dim) and torch.equal(out, unpacked_out)
+    assert grads[0].shape == qkv.shape and torch.equal(grads[0], unpacked_grads[0]), "dqkv"
+    assert torch.equal(grads[1], unpacked_grads[1]), "dbias"
+    ref_out, ref_grads = _reference_packed(qkv, bias, grad_out)
+    lowp_out, lowp_grads = _reference_packed(*lowp) if dtype != torch.float32 else (None, [None, None])
+    _testing.assert_close(out, ref_out, lowp_out, name="out")
+    _testing.assert_close(grads[0], ref_grads[0], lowp_grads[0], name="dqkv")
+    _testing.assert_close(grads[1], ref_grads[1], lowp_grads[1], name="dbias", dtype=dtype)
+
+
+def test_packed_backward_writes_dq_dk_dv_into_the_returned_gradient(backend, device, monkeypatch):
+    # The backend receives views of the gradient it returns and hands exactly those back: no
+    # separate dq, dk, dv (and no stack) between the kernels and the qkv projection's backward.
+    entry = attention.IMPLEMENTATIONS[backend]
+    written = []
+
+    def spy(*args, grads=None):
+        dq, dk, dv, dbias = entry.backward(*args, grads=grads)
+        written.append((grads, (dq, dk, dv)))
+        return dq, dk, dv, dbias
+
+    monkeypatch.setitem(attention.IMPLEMENTATIONS, backend, dataclasses.replace(entry, backward=spy))
+    qkv = torch.randn(2, 7, 3 * HEADS * 16, device=device, requires_grad=True)
+    bias = torch.randn(HEADS, 7, 7, device=device, requires_grad=True)
+    out = kernels.relpos_attention_packed(qkv, bias, num_heads=HEADS)
+    (grad_qkv,) = torch.autograd.grad(out.square().sum(), qkv)
+    ((into, returned),) = written
+    assert into is not None and all(got is want for got, want in zip(returned, into, strict=True))
+    storage = grad_qkv.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == storage for t in into)
+    for i, view in enumerate(into):  # each one the i-th third of every row of the gradient
+        assert torch.equal(view.transpose(1, 2).flatten(2), grad_qkv.unflatten(-1, (3, -1))[:, :, i])
+
+
+def test_packed_opcheck_and_bad_input():
+    qkv, bias = torch.randn(2, 5, 3 * HEADS * 16), torch.randn(HEADS, 5, 5)
+    leaves = [t.clone().requires_grad_() for t in (qkv, bias)]
+    torch.library.opcheck(torch.ops.beitv2.relpos_attention_packed.default, (*leaves, HEADS, 0.25, False))
+    out, lse = torch.ops.beitv2.relpos_attention_packed(qkv, bias, HEADS, 0.25, False)
+    torch.library.opcheck(
+        torch.ops.beitv2.relpos_attention_packed_backward.default,
+        (torch.randn_like(out), qkv, bias, out, lse, HEADS, 0.25, False, True),
+    )
+    with pytest.raises(ValueError, match="argument 'qkv' must have a last dimension of 3 \\* num_heads \\* Dh"):
+        kernels.relpos_attention_packed(torch.randn(2, 5, 20), num_heads=HEADS)
+    with pytest.raises(TypeError, match="argument 'num_heads' must be a positive int; got 0"):
+        kernels.relpos_attention_packed(qkv, num_heads=0)
+    with pytest.raises(ValueError, match="argument 'bias' must have shape"):
+        kernels.relpos_attention_packed(qkv, torch.randn(HEADS, 4, 4), num_heads=HEADS)

@@ -1,6 +1,7 @@
 """The kernel framework: backend selection, the environment report, the import guards, the
 validation helpers, the tolerance rule and the optional CUDA extension build."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -57,6 +58,25 @@ def test_cpu_tensors_use_torch_unless_triton_is_interpreted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with kernels.set_backend("triton"):
         assert _dispatch.resolve(cpu, kernels.codebook.IMPLEMENTATIONS) == "torch"
+
+
+def test_dispatch_reads_each_ops_table(monkeypatch):
+    cuda = torch.device("cuda")  # resolve needs no GPU: it only reads the tables and the probes
+    monkeypatch.setattr(_dispatch, "CUDA_EXTENSION_AVAILABLE", True)
+    monkeypatch.setattr(_dispatch, "TRITON_AVAILABLE", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with kernels.set_backend("auto"):
+        # masked_ce has no "cuda" entry: auto passes over it; codebook's reports the missing op
+        assert _dispatch.resolve(cuda, kernels.masked_ce.IMPLEMENTATIONS) == "torch"
+        cuda_entry = kernels.codebook.IMPLEMENTATIONS["cuda"]
+        unavailable = {**kernels.codebook.IMPLEMENTATIONS}
+        unavailable["cuda"] = dataclasses.replace(cuda_entry, available=lambda: (False, "no such op"))
+        assert _dispatch.resolve(cuda, unavailable) == "torch"
+    with kernels.set_backend("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' has no version of this op; use one of triton, torch"):
+            _dispatch.resolve(cuda, kernels.masked_ce.IMPLEMENTATIONS)
+        with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: no such op"):
+            _dispatch.resolve(cuda, unavailable)
 
 
 def test_environment_variable_selects_and_validates_backend():

@@ -119,7 +119,7 @@ def test_full_architecture_maps_onto_timm(timm_name, ours, kwargs):
 # ------------------------------------------------------------------------------------------------
 def test_attention_runs_on_the_kernels_and_the_shared_bias_is_gathered_once(monkeypatch):
     calls = {"bias": 0, "attention": 0}
-    relpos_bias, relpos_attention = kernels.relpos_bias, kernels.relpos_attention
+    relpos_bias, relpos_attention_packed = kernels.relpos_bias, kernels.relpos_attention_packed
 
     def counting_bias(*args, **kwargs):
         calls["bias"] += 1
@@ -127,10 +127,10 @@ def test_attention_runs_on_the_kernels_and_the_shared_bias_is_gathered_once(monk
 
     def counting_attention(*args, **kwargs):
         calls["attention"] += 1
-        return relpos_attention(*args, **kwargs)
+        return relpos_attention_packed(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "relpos_bias", counting_bias)
-    monkeypatch.setattr(kernels, "relpos_attention", counting_attention)
+    monkeypatch.setattr(kernels, "relpos_attention_packed", counting_attention)
     model = BEiTForMaskedImageModeling(
         **tiny_vit_kwargs(), use_shared_rel_pos_bias=True, vocab_size=16, early_layers=2, head_layers=2
     )

@@ -11,8 +11,8 @@ block ``blocks.N.{gamma_1, gamma_2, norm1, attn.q_bias, attn.v_bias,
 attn.relative_position_bias_table, attn.relative_position_index, attn.qkv, attn.proj, norm2,
 mlp.fc1, mlp.fc2}``, then ``norm`` / ``fc_norm`` / ``head``.
 
-Attention runs through ``kernels.relpos_attention`` and the bias is gathered by
-``kernels.relpos_bias``: the shared bias once per forward pass, a per-block table once per block.
+Attention runs through ``kernels.relpos_attention_packed`` (on the fused qkv projection) and the
+bias is gathered by ``kernels.relpos_bias``: the shared bias once per forward pass, a per-block table once per block.
 """
 
 from __future__ import annotations
@@ -300,18 +300,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, shared_bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, N, C]`` to ``[B, N, C]``; ``shared_bias [H, N, N]`` is added to the logits."""
-        batch, tokens, _ = x.shape
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = shared_bias
         if self.relative_position_bias_table is not None:
             own = kernels.relpos_bias(self.relative_position_bias_table, self.relative_position_index)
             bias = own if bias is None else own + bias
-        out = kernels.relpos_attention(q, k, v, bias, scale=self.scale)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, -1)))
+        # The packed op's backward writes dq, dk, dv straight into the gradient of qkv.
+        out = kernels.relpos_attention_packed(qkv, bias, num_heads=self.num_heads, scale=self.scale)
+        return self.proj_drop(self.proj(out))
 
     def set_window_size(self, window_size: Sequence[int] | int) -> None:
         """Resize this block's table (if any) and rebuild its index for another patch grid."""

@@ -502,17 +502,15 @@ def _program_count(items: int, device: torch.device) -> int:
     return min(items, PROGRAMS_PER_SM * _scaffold.sm_count(device) if device.type == "cuda" else 3)
 
 
-def backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, dq=None, dk=None, dv=None):
+def backward(grad_out, q, k, v, bias, out, lse, scale, deterministic, need_dbias, grads=None):
     """``(dq, dk, dv, dbias)``, bit-identical from run to run whatever ``deterministic`` says (no
-    atomics). dq, dk, dv are written into the tensors given (``[B, H, N, Dh]``, any strides with
+    atomics). dq, dk, dv are written into ``grads`` when given (``[B, H, N, Dh]``, any strides with
     unit stride along Dh, for example views of one packed qkv gradient), or into new ones.
     dbias is ``[H, N, N]`` in the dtype of ``bias``, summed over the batch, or None without
     ``need_dbias``.
     """
     b, h, n, _ = q.shape
-    dq = empty_bnhd(q) if dq is None else dq
-    dk = empty_bnhd(k) if dk is None else dk
-    dv = empty_bnhd(v) if dv is None else dv
+    dq, dk, dv = grads if grads is not None else (empty_bnhd(q), empty_bnhd(k), empty_bnhd(v))
     bias_dtype = None if bias is None else bias.dtype
     bias = _kernel_bias(bias, q.dtype)
     constexprs = {**_constexprs(q, bias), "NEED_DBIAS": need_dbias}
