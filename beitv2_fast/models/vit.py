@@ -15,8 +15,8 @@ Attention runs through ``kernels.relpos_attention`` and the bias is gathered by
 ``kernels.relpos_bias``: the shared bias once per forward pass, a per-block table once per block.
 """
 
-from __future__ import annotations
-
+# Annotations stay evaluated (no ``from __future__ import annotations``): fx copies the forward's
+# annotations into the code it generates, and TorchScript, scripting that code, needs types there.
 import functools
 import math
 from collections.abc import Sequence
