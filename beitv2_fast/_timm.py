@@ -55,11 +55,8 @@ def _entry(name: str, timm_name: str):
             no_download(pretrained, kwargs)
             if kwargs.get("pretrained_cfg_overlay"):  # a local file is read by our loader (timm resets custom_load)
                 kwargs["pretrained_cfg_overlay"] = {"custom_load": True, **kwargs["pretrained_cfg_overlay"]}
-            out_indices = kwargs.pop("out_indices", 3)
-            return build_model_with_cfg(
-                functools.partial(create_model, name), timm_name, pretrained, feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
-                **kwargs,
-            )  # fmt: skip
+            feature_cfg = {"out_indices": kwargs.pop("out_indices", 3), "feature_cls": "getter", **kwargs.pop("feature_cfg", {})}  # fmt: skip
+            return build_model_with_cfg(functools.partial(create_model, name), timm_name, pretrained, feature_cfg=feature_cfg, **kwargs)  # fmt: skip
 
     entry.__name__ = entry.__qualname__ = timm_name
     entry.__module__ = __name__

@@ -420,12 +420,13 @@ def relpos_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ``[H, N, N]`` contiguous, in the table's dtype; differentiable with respect to the table
         (the backward adds the ``[H, N, N]`` gradient into the table rows with ``index_add``).
     """
-    op = "relpos_bias"
-    _checks.check_tensor(op, "table", table, ndim=2)
-    _checks.check_tensor(op, "index", index, dtypes=(torch.int64, torch.int32), ndim=2)
-    _checks.check_same_device(op, table=table, index=index)
-    if index.shape[0] != index.shape[1]:
-        raise ValueError(f"{op}: argument 'index' must be square [N, N]; got {tuple(index.shape)}")
+    if not torch.jit.is_scripting():  # the checks are Python; TorchScript compiles the gather only
+        op = "relpos_bias"
+        _checks.check_tensor(op, "table", table, ndim=2)
+        _checks.check_tensor(op, "index", index, dtypes=(torch.int64, torch.int32), ndim=2)
+        _checks.check_same_device(op, table=table, index=index)
+        if index.shape[0] != index.shape[1]:
+            raise ValueError(f"{op}: argument 'index' must be square [N, N]; got {tuple(index.shape)}")
     n = index.shape[0]
     # One gather straight into [H, N*N] (no [N, N, H] intermediate to permute); the backward of
     # index_select is index_add.

@@ -214,7 +214,7 @@ def test_triton_backward_writes_strided_views_of_one_buffer():
         expected = torch.ops.beitv2.relpos_attention_backward(grad_out, q, k, v, bias, out, lse, 0.2, False, True)
     packed = torch.full((2, 9, 3, HEADS, 32), 7.0, dtype=torch.bfloat16)
     views = packed.permute(2, 0, 3, 1, 4).unbind(0)
-    grads = triton_attention.backward(grad_out, q, k, v, bias, out, lse, 0.2, False, True, *views)
+    grads = triton_attention.backward(grad_out, q, k, v, bias, out, lse, 0.2, False, True, grads=views)
     assert all(got is view for got, view in zip(grads[:3], views, strict=True)), (
         "the launcher must write the tensors given"
     )

@@ -84,6 +84,9 @@ TIMM_TESTS = {
     "test_model_forward_intermediates": (SMALLEST, 1),
     "test_model_forward_fx": (SMALLEST, 1),
     "test_model_backward_fx": (SMALLEST, 2),
+    "test_model_forward_torchscript": (SMALLEST, 1),
+    "test_model_forward_fx_torchscript": (SMALLEST, 1),
+    "test_model_forward_torchscript_with_features_fx": (SMALLEST, 1),
 }
 
 

@@ -15,8 +15,8 @@ Attention runs through ``kernels.relpos_attention_packed`` (on the fused qkv pro
 bias is gathered by ``kernels.relpos_bias``: the shared bias once per forward pass, a per-block table once per block.
 """
 
-from __future__ import annotations
-
+# Annotations stay evaluated (no ``from __future__ import annotations``): fx copies the forward's
+# annotations into the code it generates, and TorchScript, scripting that code, needs types there.
 import functools
 import math
 from collections.abc import Sequence
@@ -191,7 +191,7 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep_prob = 1.0 - self.drop_prob
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
+        keep = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep_prob)
         return x.div(keep_prob) * keep
 
     def extra_repr(self) -> str:
@@ -219,10 +219,10 @@ class PatchEmbed(nn.Module):
         """``x [B, C, H, W]`` to ``(tokens [B, (H/p)*(W/p), D], (H/p, W/p))`` in raster order."""
         if x.dim() != 4 or x.shape[1] != self.proj.in_channels:
             raise ValueError(
-                f"PatchEmbed: input must have shape [B, {self.proj.in_channels}, H, W]; got {tuple(x.shape)}"
+                f"PatchEmbed: input must have shape [B, {self.proj.in_channels}, H, W]; got {list(x.shape)}"
             )
-        height, width = x.shape[-2:]
-        if height % self.patch_size[0] or width % self.patch_size[1]:
+        height, width = x.shape[-2], x.shape[-1]
+        if height % self.patch_size[0] != 0 or width % self.patch_size[1] != 0:
             raise ValueError(
                 f"PatchEmbed: image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
             )
@@ -308,6 +308,11 @@ class Attention(nn.Module):
         if self.relative_position_bias_table is not None:
             own = kernels.relpos_bias(self.relative_position_bias_table, self.relative_position_index)
             bias = own if bias is None else own + bias
+        if torch.jit.is_scripting():  # TorchScript cannot compile the kernels' dispatcher: the same math
+            batch, tokens, _ = x.shape
+            q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, -1)))
         # The packed op's backward writes dq, dk, dv straight into the gradient of qkv.
         out = kernels.relpos_attention_packed(qkv, bias, num_heads=self.num_heads, scale=self.scale)
         return self.proj_drop(self.proj(out))
@@ -398,7 +403,7 @@ def get_num_layer_for_vit(name: str, num_max_layer: int) -> int:
 def check_patch_grid(grid: tuple[int, int], window: tuple[int, int] | None) -> None:
     """Raise if the input's patch grid differs from the relative position tables' (a function of
     its own so that fx tracing can keep it as one call: timm registers it as not traced)."""
-    if window is not None and tuple(grid) != tuple(window):
+    if window is not None and (grid[0] != window[0] or grid[1] != window[1]):
         raise ValueError(
             f"input patch grid {grid[0]}x{grid[1]} differs from the relative position tables' {window[0]}x"
             f"{window[1]}; call model.set_input_size(img_size) first to resize them"
@@ -560,7 +565,12 @@ class BEiTBackbone(nn.Module):
         Relative position tables are tied to one patch grid: another input size needs
         :meth:`set_input_size` first, which resizes them with the reference's algorithm.
         """
-        window = self.rel_pos_bias.window_size if self.rel_pos_bias is not None else self.block_kwargs["window_size"]
+        if self.rel_pos_bias is not None:
+            window = self.rel_pos_bias.window_size
+        elif torch.jit.is_scripting():  # TorchScript cannot type block_kwargs (mixed values); same grid
+            window = self.blocks[0].attn.window_size
+        else:
+            window = self.block_kwargs["window_size"]
         check_patch_grid(grid, window)
         return self.rel_pos_bias() if self.rel_pos_bias is not None else None
 
@@ -715,8 +725,8 @@ class BEiT(BEiTBackbone):
         """
         tokens, grid = self.embed(x)
         bias = self.shared_bias(grid)
-        for block in self.blocks:
-            tokens = self.run_block(block, tokens, bias)
+        for block in self.blocks:  # TorchScript passes no module as an argument (nor checkpoints)
+            tokens = block(tokens, bias) if torch.jit.is_scripting() else self.run_block(block, tokens, bias)
         tokens = self.norm(tokens)
         if not (return_patch_tokens or return_all_tokens):
             return tokens
