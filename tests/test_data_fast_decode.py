@@ -10,11 +10,13 @@ import PIL.Image
 import pytest
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from beitv2_fast.data import DemoImages, ImageFolderDataset, MaskingGenerator, PretrainTransform, build_loader
 from beitv2_fast.data.color import color_jitter
 from beitv2_fast.data.datasets import demo_photo
-from beitv2_fast.data.decode import decode_for_crop, reduction_for
+from beitv2_fast.data.decode import CropDecoded, decode_for_crop, reduction_for
+from beitv2_fast.data.transforms import _PIL_RESAMPLING
 from beitv2_fast.train.config import ConfigError, TrainConfig
 
 
@@ -33,6 +35,62 @@ def test_color_jitter_is_torchvisions_byte_for_byte():
     for _ in range(16):  # most orders of the four ops come up
         params = jitter.make_params([])
         assert np.array_equal(np.asarray(color_jitter(image, params)), np.asarray(jitter.transform(image, params)))
+
+
+def test_color_jitter_of_a_region_is_the_whole_images_jitter_cropped():
+    image = PIL.Image.fromarray(demo_photo("astronaut")).resize((61, 47))
+    generator = np.random.default_rng(0)
+    torch.manual_seed(0)
+    for jitter in (v2.ColorJitter(0.4, 0.4, 0.4, 0.1), v2.ColorJitter(0.4, 0, 0.4)):  # with and without contrast
+        for _ in range(12):
+            params = jitter.make_params([])
+            left, right = sorted(generator.integers(0, 62, 2) + [0, 1])
+            upper, lower = sorted(generator.integers(0, 48, 2) + [0, 1])
+            region = (int(left), int(upper), int(right), int(lower))
+            whole = color_jitter(image, params)
+            assert np.array_equal(np.asarray(color_jitter(image, params, region)), np.asarray(whole.crop(region)))
+
+
+def _views_of_the_jittered_whole_image(transform, image, params, reduction, full_width):
+    """The views as the reference orders the work: jitter and flip the whole image, then crop."""
+    image = color_jitter(image, params["jitter"])
+    box, views = params["box"], []
+    for size, mode in zip(
+        transform.output_sizes, (transform.interpolation, transform.second_interpolation), strict=True
+    ):
+        if reduction == 1:
+            flipped = F.horizontal_flip(image) if params["flip"] else image
+            view = F.resized_crop(flipped, **box, size=list(size), interpolation=mode)
+        else:
+            left = full_width - box["left"] - box["width"] if params["flip"] else box["left"]
+            region = [v / reduction for v in (left, box["top"], left + box["width"], box["top"] + box["height"])]
+            view = image.resize(size[::-1], _PIL_RESAMPLING[mode], box=region)
+            view = F.horizontal_flip(view) if params["flip"] else view
+        views.append(F.pil_to_tensor(view))
+    return views
+
+
+@pytest.mark.parametrize(
+    ("sizes", "modes"), [((24, 24), ("bicubic", "bicubic")), ((20, (12, 16)), ("bilinear", "lanczos"))]
+)
+def test_pretrain_views_jitter_only_the_pixels_they_read(sizes, modes):
+    """Byte for byte the views of the whole-image jitter, the flip and the crop, for full-size and
+    reduced (fast decode) images, crops large and small, touching the borders or not."""
+    photo = PIL.Image.fromarray(demo_photo("chelsea"))
+    transform = PretrainTransform(*sizes, min_crop_scale=0.05, interpolation=modes[0], second_interpolation=modes[1])
+    transform.uint8_output = True
+    for seed in range(40):
+        full_size = [(500, 375), (90, 61), (37, 130), (24, 24)][seed % 4]
+        reduction = [1, 2, 4][seed % 3]
+        torch.manual_seed(seed)
+        if seed % 5 == 0:
+            transform.crop.scale = (1.0, 1.0)  # boxes the size of the image: touching every border
+        params = transform.sample_params(*full_size)
+        transform.crop.scale = (0.05, 1.0)
+        image = photo.resize(tuple(-(-s // reduction) for s in full_size), PIL.Image.Resampling.BILINEAR)
+        got = transform(CropDecoded(image, params, tuple(full_size), reduction))
+        expected = _views_of_the_jittered_whole_image(transform, image, params, reduction, full_size[0])
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), (seed, params)
 
 
 def test_reduction_keeps_the_box_at_least_as_large_as_each_view():

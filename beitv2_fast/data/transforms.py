@@ -18,6 +18,7 @@ normalisation later on a whole batch, on the GPU if the batch is there (timm's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import PIL.Image
@@ -57,6 +58,39 @@ _PIL_RESAMPLING = {
     v2.InterpolationMode.HAMMING: PIL.Image.Resampling.HAMMING,
     v2.InterpolationMode.BOX: PIL.Image.Resampling.BOX,
 }
+
+
+# Half-width of each filter's kernel in input pixels at scale 1 (Pillow's ``libImaging/Resample.c``);
+# nearest reads inside the box.
+_FILTER_SUPPORT = {
+    v2.InterpolationMode.NEAREST: 0.0,
+    v2.InterpolationMode.BOX: 0.5,
+    v2.InterpolationMode.BILINEAR: 1.0,
+    v2.InterpolationMode.HAMMING: 1.0,
+    v2.InterpolationMode.BICUBIC: 2.0,
+    v2.InterpolationMode.LANCZOS: 3.0,
+}
+
+
+def _resize_reads(
+    image_size: tuple[int, int],
+    box: tuple[float, float, float, float],
+    output_sizes: Sequence[tuple[int, int]],
+    modes: Sequence[v2.InterpolationMode],
+) -> tuple[int, int, int, int]:
+    """(left, upper, right, lower) around every pixel that ``image.resize(size, mode, box=box)``
+    reads for each (height, width) size and mode: Pillow's kernel spans ``support * max(scale, 1)``
+    either side of each output pixel's centre, its ends rounded (one pixel more here), clamped to
+    the image."""
+    bounds = [math.inf, math.inf, -math.inf, -math.inf]
+    for (height, width), mode in zip(output_sizes, modes, strict=True):
+        for axis, count in ((0, width), (1, height)):
+            start, end = box[axis], box[axis + 2]
+            reach = _FILTER_SUPPORT[mode] * max((end - start) / count, 1.0) + 1
+            bounds[axis] = min(bounds[axis], start - reach)
+            bounds[axis + 2] = max(bounds[axis + 2], end + reach)
+    limits = image_size * 2
+    return tuple(min(max(math.floor(v) if i < 2 else math.ceil(v), 0), limits[i]) for i, v in enumerate(bounds))
 
 
 def size_pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -190,8 +224,6 @@ class PretrainTransform:
         else:
             height, width = F.get_size(image)
             params, reduction = self.sample_params(width, height), 1
-        if params["jitter"] is not None:
-            image = color_jitter(image, params["jitter"])
         if reduction > 1:
             student, tokenizer = self._reduced_views(image, params, reduction, full_width)
         else:
@@ -200,17 +232,27 @@ class PretrainTransform:
             return student, tokenizer
         return self.student_normalize(student), self.tokenizer_normalize(tokenizer)
 
+    @staticmethod
+    def _jittered(image: PIL.Image.Image, params: dict, region: tuple[int, int, int, int]) -> PIL.Image.Image:
+        """``region`` of the jittered image, jittered alone (``color.py``: the same bytes)."""
+        if params["jitter"] is None:
+            return image.crop(region)
+        return color_jitter(image, params["jitter"], region)
+
     def _views(self, image: PIL.Image.Image, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if params["flip"]:
-            image = F.horizontal_flip(image)
+        """The reference's jitter, flip and crop-then-resize, with the jitter and the flip on the
+        crop alone: the box (drawn on the flipped image) mirrored onto the unflipped one."""
         box = params["box"]
-        student = F.resized_crop(image, **box, size=list(self.input_size), interpolation=self.interpolation)
-        student = to_uint8_tensor(student)
+        left = image.width - box["left"] - box["width"] if params["flip"] else box["left"]
+        crop = self._jittered(image, params, (left, box["top"], left + box["width"], box["top"] + box["height"]))
+        if params["flip"]:
+            crop = F.horizontal_flip(crop)
+        student = to_uint8_tensor(F.resize(crop, list(self.input_size), interpolation=self.interpolation))
         if (self.second_input_size, self.second_interpolation) == (self.input_size, self.interpolation):
             tokenizer = student  # the recipe's case (224/224, bicubic/bicubic): the same pixels, resized once
         else:
             tokenizer = to_uint8_tensor(
-                F.resized_crop(image, **box, size=list(self.second_input_size), interpolation=self.second_interpolation)
+                F.resize(crop, list(self.second_input_size), interpolation=self.second_interpolation)
             )
         return student, tokenizer
 
@@ -219,14 +261,20 @@ class PretrainTransform:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The views from an image decoded at 1/``reduction``: the box (drawn on the flipped
         full-size image) mirrored onto the unflipped image, divided by ``reduction``, resized
-        with a fractional box, and the small views flipped instead of the whole image."""
+        with a fractional box, and the small views flipped instead of the whole image. The
+        jitter runs on the pixels the resizes read, pasted back into a copy of the image so
+        that each resize sees the same coordinates."""
         box = params["box"]
         left = full_width - box["left"] - box["width"] if params["flip"] else box["left"]
         region = tuple(v / reduction for v in (left, box["top"], left + box["width"], box["top"] + box["height"]))
+        modes = (self.interpolation, self.second_interpolation)
+        if params["jitter"] is not None:
+            read = _resize_reads(image.size, region, self.output_sizes, modes)
+            jittered = image.copy()
+            jittered.paste(self._jittered(image, params, read), read[:2])
+            image = jittered
         views = []
-        for (height, width), mode in zip(
-            self.output_sizes, (self.interpolation, self.second_interpolation), strict=True
-        ):
+        for (height, width), mode in zip(self.output_sizes, modes, strict=True):
             if views and ((height, width), mode) == (self.input_size, self.interpolation):
                 views.append(views[0])  # the recipe's case: both views the same pixels
                 continue
