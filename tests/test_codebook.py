@@ -42,8 +42,9 @@ def test_exact_ids_on_separated_data(backend, device, dtype):
 def test_disagreements_are_near_ties(backend, device, dtype):
     # Random data has near-ties; a different pick is only allowed where the two codes' fp32
     # similarities differ by less than the rounding of the inputs to `dtype`.
-    cb = _unit_codebook(1000, 32, device)
-    z = torch.randn(500, 32, device=device)
+    interpreted = backend == "triton" and device.type == "cpu"  # the interpreter: a smaller problem
+    cb = _unit_codebook(300 if interpreted else 1000, 32, device)
+    z = torch.randn(200 if interpreted else 500, 32, device=device)
     ids, sim = kernels.codebook_lookup(z.to(dtype), cb.to(dtype))
     ref_ids, ref_sim = reference.codebook_lookup(z, cb)
     gap = ref_sim - _fp32_similarity(z, cb, ids)

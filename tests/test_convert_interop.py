@@ -221,6 +221,7 @@ def test_finetune_command_refuses_a_tokenizer_file_before_training(tmp_path, cap
     argv = [
         "finetune", "--model", "beit_tiny_patch16_224", "--input-size", "32", "--finetune", str(path),
         "--model-kwargs", "depth=2", "--output-dir", str(tmp_path / "run"), "--nb-classes", "4",
+        "--data-dir", "demo",
     ]  # fmt: skip
     assert cli.main(argv) == 2
     error = capsys.readouterr().err.strip()
