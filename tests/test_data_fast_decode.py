@@ -71,7 +71,12 @@ def _views_of_the_jittered_whole_image(transform, image, params, reduction, full
 
 
 @pytest.mark.parametrize(
-    ("sizes", "modes"), [((24, 24), ("bicubic", "bicubic")), ((20, (12, 16)), ("bilinear", "lanczos"))]
+    ("sizes", "modes"),
+    [
+        ((24, 24), ("bicubic", "bicubic")),
+        ((20, (12, 16)), ("bilinear", "lanczos")),
+        ((20, (9, 31)), ("nearest", "box")),
+    ],
 )
 def test_pretrain_views_jitter_only_the_pixels_they_read(sizes, modes):
     """Byte for byte the views of the whole-image jitter, the flip and the crop, for full-size and

@@ -149,7 +149,9 @@ class PretrainTransform:
     ``RandomHorizontalFlip(hflip)``, then one random resized crop box (area ``min_crop_scale``
     to 1, ratio 3/4 to 4/3, up to 10 attempts and a centre-crop fallback) resized twice: to
     ``input_size`` with ``interpolation`` for the student and to ``second_input_size`` with
-    ``second_interpolation`` for the tokenizer. The recipe passes bicubic for both.
+    ``second_interpolation`` for the tokenizer. The recipe passes bicubic for both. The jitter
+    and the flip run on the pixels the resizes read, with contrast's mean taken on the whole image:
+    the reference's bytes for less work (``color.py``).
 
     Args:
         input_size: student view size (224).
