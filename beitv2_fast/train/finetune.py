@@ -108,7 +108,7 @@ def build_finetune_task(config: TrainConfig, world: Distributed) -> TrainingTask
         param_groups=lambda m: get_parameter_groups(m, config.weight_decay, layer_decay),
         data=TrainData.from_loader(loader), images_per_batch=config.batch_size,
         flops_per_image=forward if config.task == "linprobe" else 3 * forward, evaluate=evaluate,
-        best_metric="acc1",
+        best_metric="acc1", model_ema_decay=config.model_ema_decay if config.model_ema else None,
         model_settings={} if config.task == "linprobe" else dict(
             img_size=config.input_size, num_classes=config.nb_classes, use_mean_pooling=not config.use_cls,
             **config.layer_scale_kwargs(),
