@@ -116,7 +116,9 @@ class TrainConfig:
     )
     use_cls: bool = _f(False, "classify from the CLS token instead of mean pooling", ("finetune",))
     model_ema: bool = _f(
-        False, "keep an EMA of the weights: evaluated (ema_acc1 ...) and exported as model_ema.safetensors", ("finetune",)
+        False,
+        "keep an EMA of the weights: evaluated (ema_acc1 ...) and exported as model_ema.safetensors",
+        ("finetune",),
     )
     model_ema_decay: float = _f(0.9999, "--model-ema: decay per optimizer step", ("finetune",))
     mixup: float = _f(0.8, "mixup alpha; 0 disables", ("finetune",))
