@@ -14,8 +14,10 @@ from safetensors import safe_open
 
 from beitv2_fast import cli
 from beitv2_fast.models import create_model, export_safetensors, load_state_dict_file
+from beitv2_fast.models.convert import BackboneMismatchError
 from beitv2_fast.train.config import config_from_args
 from beitv2_fast.train.ema import WeightEma
+from beitv2_fast.train.finetune import build_classifier
 from beitv2_fast.train.inputs import validation_folder
 
 TOKENIZER_NAME = "vqkd_encoder_tiny_decoder_1x192x3_hog"
@@ -216,3 +218,29 @@ def test_tiny_finetune_with_model_ema_evaluates_and_exports_it(files, tmp_path, 
     assert not torch.equal(model["head.weight"], average["head.weight"])
     checkpoint = dcp.FileSystemReader(str(tmp_path / "checkpoints" / "step-00000002")).read_metadata()
     assert "model_ema.head.weight" in checkpoint.state_dict_metadata  # resumed exactly
+
+
+def _export_with_metadata(model, path, task, name, settings):
+    metadata = {"beitv2_fast.task": task, "beitv2_fast.model": name, "beitv2_fast.model_kwargs": json.dumps(settings)}
+    export_safetensors(model, path, metadata=metadata)
+
+
+def test_tokenize_and_finetune_read_the_settings_in_our_exports(files, tmp_path, capsys):
+    tokenizer = tmp_path / "tokenizer.safetensors"
+    tiny = create_model(TOKENIZER_NAME, as_tokenzer=True, **TINY_TOKENIZER)
+    _export_with_metadata(tiny, tokenizer, "tokenizer", TOKENIZER_NAME, TINY_TOKENIZER)
+    argv = ["tokenize", "--tokenizer-weight", str(tokenizer), str(files / "flat" / "a.png"),
+            "--output-dir", str(tmp_path / "tokens")]  # fmt: skip
+    assert cli.main(argv) == 0  # no sizes retyped
+    (ids,) = json.loads((tmp_path / "tokens" / "tokens.json").read_text()).values()
+    assert len(ids) == 4 and max(ids) < 32  # a 2x2 grid of 32 codes
+    # --finetune takes the architecture (depth=1) from the file; another architecture still fails.
+    weights = tmp_path / "finetuned.safetensors"
+    settings = {"img_size": 32, "num_classes": 2, "use_mean_pooling": True, "depth": 1}
+    _export_with_metadata(create_model("beit_tiny_patch16_224", **settings), weights, "finetune",
+                          "beit_tiny_patch16_224", settings)  # fmt: skip
+    common = ["--data-dir", "demo", "--input-size", "32", "--nb-classes", "2", "--finetune", str(weights)]
+    model = build_classifier(config_from_args(["--model", "beit_tiny_patch16_224", *common], task="finetune"))
+    assert len(model.blocks) == 1
+    with pytest.raises(BackboneMismatchError, match="other shapes than the BEiT"):
+        build_classifier(config_from_args(["--model", "beit_small_patch16_224", *common], task="finetune"))
