@@ -23,6 +23,8 @@ import sys
 
 from .train.config import ArgumentParser
 
+DEFAULT_TOKENIZER = "vqkd_encoder_base_decoder_3x768x12_clip"
+
 TRAINING = {
     "train-tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "finetune", "linprobe": "linprobe",
     "segment": "segment",
@@ -64,12 +66,16 @@ def tokenize(argv: list[str]) -> int:
     """Images in, token ids (JSON) and a picture of the token maps out."""
     parser = ArgumentParser(prog="beitv2 tokenize", description=tokenize.__doc__, allow_abbrev=False)
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--tokenizer-model", default="vqkd_encoder_base_decoder_3x768x12_clip")
+    parser.add_argument(
+        "--tokenizer-model", help=f"default: the one in the file's metadata (ours), else {DEFAULT_TOKENIZER}"
+    )
     parser.add_argument("--tokenizer-weight", required=True, help="local VQ-KD checkpoint")
-    parser.add_argument("--tokenizer-kwargs", nargs="*", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--codebook-size", type=int, default=8192)
-    parser.add_argument("--codebook-dim", type=int, default=32)
+    parser.add_argument(
+        "--tokenizer-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="default: the file's metadata"
+    )
+    parser.add_argument("--input-size", type=int, help="default: the file's metadata, else 224")
+    parser.add_argument("--codebook-size", type=int, help="default: the file's metadata, else 8192")
+    parser.add_argument("--codebook-dim", type=int, help="default: the file's metadata, else 32")
     parser.add_argument("--output-dir", default="tokens")
     parser.add_argument(
         "--torchcompile", action="store_true", help="compile the tokenizer's lookup (pays off for many images)"
@@ -82,6 +88,7 @@ def tokenize(argv: list[str]) -> int:
 
     from .data import EvalTransform, decode_image
     from .train.config import _parse_key_values
+    from .train.finetune import safetensors_model
     from .train.pretrain import load_tokenizer
     from .viz import draw_token_maps
 
@@ -92,9 +99,18 @@ def tokenize(argv: list[str]) -> int:
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:
         parser.error(f"no such image file: {', '.join(missing)}")
+    # A tokenizer of ours loads with the settings it was trained with; the options given win.
+    saved = safetensors_model(args.tokenizer_weight) if os.path.isfile(args.tokenizer_weight) else {}
+    name = args.tokenizer_model or saved.get("model") or DEFAULT_TOKENIZER
+    settings = dict(saved["model_kwargs"]) if name == saved.get("model") else {}
+    for option, key, default in (("input_size", "img_size", 224), ("codebook_size", "n_code", 8192),
+                                 ("codebook_dim", "code_dim", 32)):  # fmt: skip
+        saved_value = settings.pop(key, default)
+        if getattr(args, option) is None:
+            setattr(args, option, saved_value)
     tokenizer = load_tokenizer(
-        args.tokenizer_model, args.tokenizer_weight, img_size=args.input_size, codebook_size=args.codebook_size,
-        codebook_dim=args.codebook_dim, **extra,
+        name, args.tokenizer_weight, img_size=args.input_size, codebook_size=args.codebook_size,
+        codebook_dim=args.codebook_dim, **{**settings, **extra},
     )  # fmt: skip
     if args.torchcompile:
         tokenizer.compile(fullgraph=True)

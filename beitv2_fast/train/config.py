@@ -115,6 +115,12 @@ class TrainConfig:
         1.0, "layer-wise lr decay (0.6-0.65 base, 0.8 large); 1 disables it", ("finetune", "segment")
     )
     use_cls: bool = _f(False, "classify from the CLS token instead of mean pooling", ("finetune",))
+    model_ema: bool = _f(
+        False,
+        "keep an EMA of the weights: evaluated (ema_acc1 ...) and exported as model_ema.safetensors",
+        ("finetune",),
+    )
+    model_ema_decay: float = _f(0.9999, "--model-ema: decay per optimizer step", ("finetune",))
     mixup: float = _f(0.8, "mixup alpha; 0 disables", ("finetune",))
     cutmix: float = _f(1.0, "cutmix alpha; 0 disables", ("finetune",))
     smoothing: float = _f(0.1, "label smoothing", ("finetune",))
@@ -230,6 +236,7 @@ class TrainConfig:
             (self.clip_grad >= 0, "--clip-grad cannot be negative (0 disables clipping)"),
             (0 <= self.drop_path < 1, "--drop-path must lie in [0, 1)"),
             (0 <= self.smoothing < 1, "--smoothing must lie in [0, 1)"),
+            (0 < self.model_ema_decay < 1, "--model-ema-decay must lie in (0, 1)"),
             (0 <= self.reprob <= 1, "--reprob must lie in [0, 1]"),
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix cannot be negative"),
             (self.amp_dtype in AMP_CHOICES, "--amp-dtype must be auto, bfloat16, float16 or float32"),
@@ -496,8 +503,7 @@ UNSUPPORTED: dict[str, str] = {
     "--eval": "evaluation alone is its own command: beitv2 eval --weights FILE --data-dir DIR",
     "--channels-last": "the channels-last memory format does not apply to a ViT",
     "--aa": "the fine-tuning RandAugment is fixed at the official rand-m9-mstd0.5-inc1",
-    "--model_ema": "an EMA of the weights is not implemented yet",
-    "--model-ema": "an EMA of the weights is not implemented yet",
+    "--model_ema_force_cpu": "the EMA of the weights stays on the device, sharded as they are",
     "--enable_deepspeed": "DeepSpeed is not used: FSDP2 or DDP",
     "--crop-pct": "the evaluation crop is the official 224/256 rule; beitv2 eval has --crop-pct",
     "--crop_pct": "the evaluation crop is the official 224/256 rule; beitv2 eval has --crop-pct",

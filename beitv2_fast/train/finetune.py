@@ -38,7 +38,7 @@ def build_classifier(config: TrainConfig) -> torch.nn.Module:
         drop_path_rate=0.0 if linprobe else config.drop_path, use_mean_pooling=not config.use_cls,
         **config.layer_scale_kwargs(),
     )  # fmt: skip
-    model = create_checked_model(config.model, settings, config.model_kwargs)
+    model = create_checked_model(config.model, settings, {**inherited_settings(config.finetune), **config.model_kwargs})
     if config.finetune:
         load_for_finetuning(
             model, config.finetune, model_key=config.model_key, model_prefix=config.model_prefix,
@@ -108,12 +108,32 @@ def build_finetune_task(config: TrainConfig, world: Distributed) -> TrainingTask
         param_groups=lambda m: get_parameter_groups(m, config.weight_decay, layer_decay),
         data=TrainData.from_loader(loader), images_per_batch=config.batch_size,
         flops_per_image=forward if config.task == "linprobe" else 3 * forward, evaluate=evaluate,
-        best_metric="acc1",
+        best_metric="acc1", model_ema_decay=config.model_ema_decay if config.model_ema else None,
         model_settings={} if config.task == "linprobe" else dict(
             img_size=config.input_size, num_classes=config.nb_classes, use_mean_pooling=not config.use_cls,
             **config.layer_scale_kwargs(),
         ),
     )  # fmt: skip
+
+
+# Constructor settings of our exports that fine-tuning sets itself, or that only pretraining has.
+OWN_SETTINGS = frozenset(
+    ("img_size", "num_classes", "use_mean_pooling", "init_values", "drop_path_rate", "vocab_size", "early_layers",
+     "head_layers", "shared_lm_head")
+)  # fmt: skip
+
+
+def inherited_settings(weights: str) -> dict:
+    """The architecture settings (``depth=...``) that a pretraining or fine-tuning export of ours
+    was built with, so that ``--finetune`` needs them not retyped (``--model-kwargs`` wins). A
+    different architecture still fails to load, naming what differs."""
+    saved = safetensors_model(weights) if os.path.isfile(weights) else {}
+    if saved.get("task") not in ("pretrain", "finetune"):
+        return {}
+    inherited = {key: value for key, value in saved["model_kwargs"].items() if key not in OWN_SETTINGS}
+    if inherited:
+        log.info("--finetune %s: model settings from its metadata: %s", weights, inherited)
+    return inherited
 
 
 @torch.no_grad()
@@ -208,7 +228,7 @@ def evaluate_command(argv: list[str]) -> int:
 
 
 def safetensors_model(path: str) -> dict:
-    """The model name and constructor settings in the metadata of one of our exports ({} otherwise)."""
+    """The task, model name and constructor settings in the metadata of one of our exports ({} otherwise)."""
     if not path.endswith(".safetensors"):
         return {}
     from safetensors import safe_open
@@ -217,4 +237,7 @@ def safetensors_model(path: str) -> dict:
         metadata = f.metadata() or {}
     if "beitv2_fast.model" not in metadata:
         return {}
-    return {"model": metadata["beitv2_fast.model"], "model_kwargs": json.loads(metadata["beitv2_fast.model_kwargs"])}
+    return {
+        "task": metadata.get("beitv2_fast.task"), "model": metadata["beitv2_fast.model"],
+        "model_kwargs": json.loads(metadata["beitv2_fast.model_kwargs"]),
+    }  # fmt: skip

@@ -25,6 +25,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_output_dir, save_config
 from .distributed import Distributed, barrier, broadcast_buffers, choose_parallel, parallelize, unwrap
+from .ema import WeightEma
 from .metrics import MetricLogger, log
 from .run_folder import delete_run, plan_resume, run_settings, schedule_steps, trim_metrics
 from .step import (  # noqa: F401 - NonFiniteError is re-exported
@@ -93,6 +94,9 @@ class TrainingTask:
             exported as ``model_best.safetensors``.
         model_settings: the constructor settings of ``model`` (``create_model(name, **settings)``),
             saved in the exports' metadata so that loading them needs no settings retyped.
+        model_ema_decay: keep an EMA of the weights with this decay (``--model-ema``): evaluated
+            with the model (its figures prefixed ``ema_``), checkpointed and exported as
+            ``model_ema.safetensors``.
     """
 
     model: nn.Module
@@ -108,6 +112,7 @@ class TrainingTask:
     frozen: list[nn.Module] = dataclasses.field(default_factory=list)
     best_metric: str | None = None
     model_settings: dict = dataclasses.field(default_factory=dict)
+    model_ema_decay: float | None = None
 
 
 def cosine_lr(step: int, total: int, warmup: int, base: float, final: float, start: float = 0.0) -> float:
@@ -237,7 +242,10 @@ def train(config: TrainConfig, task: TrainingTask, world: Distributed) -> dict[s
     global_batch = task.images_per_batch * config.grad_accum_steps * world.world_size
 
     checkpoint_root = os.path.join(config.output_dir, "checkpoints")
-    extra = {"scaler_scale": torch.ones(())} if scaler is not None else None
+    ema = WeightEma(unwrap(model), task.model_ema_decay) if task.model_ema_decay is not None else None
+    extra = {"scaler_scale": torch.ones(())} if scaler is not None else {}
+    if ema is not None:
+        extra.update(ema.state_tensors())
     step = 0
     best = {}
     if start.checkpoint:
@@ -328,6 +336,8 @@ def train(config: TrainConfig, task: TrainingTask, world: Distributed) -> dict[s
             # Skipped on the device; the flags are read below, only where the host looks anyway.
             applied = guard.step(optimizer, step, loss_sum, grad_norm, scaler, deferred=deferred)
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
         logger.update({"loss": loss_sum / config.grad_accum_steps, "grad_norm": grad_norm, **metric_sums}, data_seconds,
                       applied)  # fmt: skip
         step += 1
@@ -354,6 +364,9 @@ def train(config: TrainConfig, task: TrainingTask, world: Distributed) -> dict[s
             model.eval()
             broadcast_buffers(model)
             results = task.evaluate(model, step)
+            if ema is not None:
+                with ema.swapped_in():
+                    results.update({f"ema_{key}": value for key, value in task.evaluate(model, step).items()})
             model.train()
             if task.best_metric is not None and results[task.best_metric] > best.get(task.best_metric, -math.inf):
                 best = {**results, "step": step}
@@ -370,6 +383,9 @@ def train(config: TrainConfig, task: TrainingTask, world: Distributed) -> dict[s
     if task.on_end is not None:
         task.on_end(model, config.output_dir)
     ckpt.export_safetensors(model, os.path.join(config.output_dir, "model.safetensors"), world, metadata)
+    if ema is not None:
+        with ema.swapped_in():
+            ckpt.export_safetensors(model, os.path.join(config.output_dir, "model_ema.safetensors"), world, metadata)
     logger.close()
     return last
 

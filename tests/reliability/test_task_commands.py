@@ -7,12 +7,16 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
 from beitv2_fast import cli
-from beitv2_fast.models import create_model, export_safetensors
+from beitv2_fast.models import create_model, export_safetensors, load_state_dict_file
+from beitv2_fast.models.convert import BackboneMismatchError
 from beitv2_fast.train.config import config_from_args
+from beitv2_fast.train.ema import WeightEma
+from beitv2_fast.train.finetune import build_classifier
 from beitv2_fast.train.inputs import validation_folder
 
 TOKENIZER_NAME = "vqkd_encoder_tiny_decoder_1x192x3_hog"
@@ -178,3 +182,67 @@ def test_tiny_finetune_evaluates_keeps_the_best_and_describes_its_data(files, tm
     assert cli.main(argv) == 0
     assert "is complete (step 4); nothing to do" in capsys.readouterr().out
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_weight_ema_is_the_formula_and_swaps_in_and_out():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    model[1].requires_grad_(False)  # frozen weights are not averaged
+    ema = WeightEma(model, decay=0.9)
+    assert set(ema.state_tensors()) == {"model_ema.0.weight", "model_ema.0.bias"}
+    before = model[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    ema.update()
+    after = model[0].weight.detach().clone()
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(ema.averages["0.weight"], 0.9 * before + 0.1 * after)
+    with ema.swapped_in():
+        torch.testing.assert_close(model[0].weight.detach(), 0.9 * before + 0.1 * after)
+    assert torch.equal(model[0].weight.detach(), after)
+
+
+def test_tiny_finetune_with_model_ema_evaluates_and_exports_it(files, tmp_path, capsys):
+    argv = ["finetune", *TINY_FINETUNE, "--data-dir", str(files / "imagenet"), "--batch-size", "8", "--epochs", "1",
+            "--warmup-epochs", "0", "--lr", "1e-2", "--model-ema", "--model-ema-decay", "0.5",
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (evaluation,) = [row for row in rows if row.get("split") == "eval"]
+    assert {"acc1", "ema_acc1", "ema_acc5", "ema_loss"} <= set(evaluation)
+    assert evaluation["ema_loss"] != evaluation["loss"]
+    model = load_state_dict_file(str(tmp_path / "model.safetensors"))
+    average = load_state_dict_file(str(tmp_path / "model_ema.safetensors"))
+    assert model.keys() == average.keys()
+    assert not torch.equal(model["head.weight"], average["head.weight"])
+    # Stopped after one step and resumed: the same average, bit for bit.
+    resumed = [*argv[:-1], str(tmp_path / "resumed")]
+    assert cli.main([*resumed, "--max-steps", "1"]) == 0 and cli.main(resumed) == 0
+    again = load_state_dict_file(str(tmp_path / "resumed" / "model_ema.safetensors"))
+    assert all(torch.equal(average[key], again[key]) for key in average)
+
+
+def _export_with_metadata(model, path, task, name, settings):
+    metadata = {"beitv2_fast.task": task, "beitv2_fast.model": name, "beitv2_fast.model_kwargs": json.dumps(settings)}
+    export_safetensors(model, path, metadata=metadata)
+
+
+def test_tokenize_and_finetune_read_the_settings_in_our_exports(files, tmp_path, capsys):
+    tokenizer = tmp_path / "tokenizer.safetensors"
+    tiny = create_model(TOKENIZER_NAME, as_tokenzer=True, **TINY_TOKENIZER)
+    _export_with_metadata(tiny, tokenizer, "tokenizer", TOKENIZER_NAME, TINY_TOKENIZER)
+    argv = ["tokenize", "--tokenizer-weight", str(tokenizer), str(files / "flat" / "a.png"),
+            "--output-dir", str(tmp_path / "tokens")]  # fmt: skip
+    assert cli.main(argv) == 0  # no sizes retyped
+    (ids,) = json.loads((tmp_path / "tokens" / "tokens.json").read_text()).values()
+    assert len(ids) == 4 and max(ids) < 32  # a 2x2 grid of 32 codes
+    # --finetune takes the architecture (depth=1) from the file; another architecture still fails.
+    weights = tmp_path / "finetuned.safetensors"
+    settings = {"img_size": 32, "num_classes": 2, "use_mean_pooling": True, "depth": 1}
+    _export_with_metadata(create_model("beit_tiny_patch16_224", **settings), weights, "finetune",
+                          "beit_tiny_patch16_224", settings)  # fmt: skip
+    common = ["--data-dir", "demo", "--input-size", "32", "--nb-classes", "2", "--finetune", str(weights)]
+    model = build_classifier(config_from_args(["--model", "beit_tiny_patch16_224", *common], task="finetune"))
+    assert len(model.blocks) == 1
+    with pytest.raises(BackboneMismatchError, match="other shapes than the BEiT"):
+        build_classifier(config_from_args(["--model", "beit_small_patch16_224", *common], task="finetune"))
