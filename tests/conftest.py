@@ -10,6 +10,8 @@ import os
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: share the cores, do not oversubscribe them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
